@@ -1,0 +1,132 @@
+"""``kvmagent serve`` runs the agent; ``kvmagent call`` posts a command to a running one."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("kvmagent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvmagent", description="KVM host agent")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the agent in the foreground")
+    serve.add_argument("--config", type=Path, help="TOML file (default /etc/kvmagent/kvmagent.toml)")
+    serve.add_argument("--listen", help="HOST:PORT (default 0.0.0.0:7070)")
+    serve.add_argument("--state-dir", type=Path, help="default /var/lib/kvmagent")
+    serve.add_argument("--libvirt-uri", help="default qemu:///system")
+    serve.add_argument("--domain-type", choices=["kvm", "qemu", "auto"])
+    serve.add_argument("--log-level")
+
+    call = sub.add_parser("call", help="POST a command to a running agent and print the reply")
+    call.add_argument("path", help="e.g. /host/fact")
+    call.add_argument("body", nargs="?", default="{}", help="JSON body (default {}); - reads stdin")
+    call.add_argument("--url", default=os.environ.get("KVMAGENT_URL", "http://127.0.0.1:7070"))
+    call.add_argument("--token", default=os.environ.get("KVMAGENT_TOKEN"))
+    call.add_argument("--taskuuid", help="send as an async command with this taskuuid (no callback)")
+    call.add_argument("--timeout", type=float, default=600)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_main(args)
+    return call_main(args)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .logs import setup_logging
+
+    try:
+        config = load_config(args.config, {
+            "listen": args.listen, "state_dir": args.state_dir, "libvirt_uri": args.libvirt_uri,
+            "domain_type": args.domain_type, "log_level": args.log_level})
+    except Exception as exc:
+        print(f"kvmagent: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def serve(config) -> None:
+    from aiohttp import web
+
+    from . import sdnotify
+    from .server import create_app, ssl_context
+
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen_host, config.listen_port,
+                       ssl_context=ssl_context(config), reuse_address=True)
+    await site.start()
+    log.info("listening on %s://%s (state %s, libvirt %s)",
+             "https" if config.tls_enabled else "http", config.listen, config.state_dir,
+             config.libvirt_uri)
+    sdnotify.notify("READY=1")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = None
+    interval = sdnotify.watchdog_interval()
+    if interval:
+        watchdog = loop.create_task(sdnotify.pet_watchdog(interval))
+    await stop.wait()
+    log.info("stopping")
+    sdnotify.notify("STOPPING=1")
+    if watchdog:
+        watchdog.cancel()
+    await runner.cleanup()
+
+
+def call_main(args: argparse.Namespace) -> int:
+    body = sys.stdin.read() if args.body == "-" else args.body
+    try:
+        json.loads(body)
+    except ValueError as exc:
+        print(f"kvmagent call: body is not JSON: {exc}", file=sys.stderr)
+        return 2
+    path = "/" + args.path.strip("/")
+    headers = {"Content-Type": "application/json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    if args.taskuuid:
+        headers["taskuuid"] = args.taskuuid or uuid.uuid4().hex
+    req = urllib.request.Request(args.url.rstrip("/") + path, data=body.encode(),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            text = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"kvmagent call: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 3
+    try:
+        reply = json.loads(text)
+    except ValueError:
+        print(text)
+        return 1
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0 if reply.get("success") else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

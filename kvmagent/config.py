@@ -1,0 +1,86 @@
+"""Agent configuration: a TOML file, overridden by command-line flags.
+
+Every key has a default so ``kvmagent serve`` works with no file at all.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/kvmagent/kvmagent.toml")
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field("0.0.0.0:7070", description="HOST:PORT the HTTP server binds to")
+    state_dir: Path = Field(Path("/var/lib/kvmagent"), description="persistent state (atomic JSON)")
+    libvirt_uri: str = "qemu:///system"
+    # kvm in production; "auto" probes /dev/kvm plus the capabilities, "qemu" is TCG.
+    domain_type: Literal["kvm", "qemu", "auto"] = "kvm"
+    log_level: str = "INFO"
+    plugins: list[str] | None = Field(None, description="entry-point names to load; None = all")
+
+    # Security (off by default, as the ZStack MN speaks plain HTTP).
+    auth_token: str | None = Field(None, description="require 'Authorization: Bearer <token>'")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="verify client certificates against this CA")
+
+    # Blocking work.
+    executor_workers: int = Field(64, ge=1, le=1024)
+    libvirt_workers: int = Field(16, ge=1, le=256)
+    libvirt_call_timeout: float = Field(60.0, gt=0)
+    libvirt_reconnect_interval: float = Field(5.0, gt=0)
+
+    # Callback and report delivery to the MN.
+    delivery_timeout: float = Field(30.0, gt=0, description="one HTTP attempt")
+    delivery_retry_window: float = Field(600.0, gt=0, description="give up after this many seconds")
+    delivery_initial_backoff: float = Field(1.0, gt=0)
+    delivery_max_backoff: float = Field(30.0, gt=0)
+
+    # Capabilities.
+    models_root: Path = Path("/opt/kvmagent/models")
+    juicefs_binary: str | None = Field(None, description="path to juicefs; default: PATH / venv")
+    virtiofsd_binary: Path = Path("/usr/lib/qemu/virtiofsd")
+    docker_start_command: list[str] | None = None
+    docker_install_allowed: bool = False
+    sysfs_root: Path = Path("/sys")
+    procfs_root: Path = Path("/proc")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+        return value
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig:
+    """Read ``path`` (TOML; missing default file is fine) and apply non-None overrides."""
+    data: dict = {}
+    if path is not None:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    elif DEFAULT_CONFIG_PATH.exists():
+        with open(DEFAULT_CONFIG_PATH, "rb") as fh:
+            data = tomllib.load(fh)
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return AgentConfig(**data)

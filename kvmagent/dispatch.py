@@ -1,0 +1,108 @@
+"""Running one command: parse and validate the body, call the handler, build the envelope."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .context import AgentContext
+from .errors import AgentError
+from .logs import mask_data, mask_text
+from .models import AgentResponse, secret_field_names
+from .plugin import Command
+
+log = logging.getLogger("kvmagent.command")
+
+
+class BadRequest(Exception):
+    """The body is not JSON or does not validate: HTTP 400 (sync) or a failed callback."""
+
+
+@dataclass
+class Outcome:
+    body: dict[str, Any]
+    status: int = 200
+
+    @property
+    def label(self) -> str:
+        if self.status == 400:
+            return "invalid"
+        return "ok" if self.body.get("success") else "failed"
+
+
+def failure(message: str, status: int = 200) -> Outcome:
+    return Outcome({"success": False, "error": message}, status)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"field '{loc}': {err['msg']}")
+    return "; ".join(parts)
+
+
+async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | None) -> Outcome:
+    """Run ``cmd`` on ``raw``; never raises (except cancellation), always one envelope."""
+    started = time.monotonic()
+    try:
+        data = parse_body(raw)
+        try:
+            request = cmd.request.model_validate(data)
+        except ValidationError as exc:
+            raise BadRequest(describe_validation_error(exc)) from None
+        response = await cmd.handler(ctx, request)
+        if response is None:
+            response = cmd.response()
+        outcome = Outcome(response.model_dump(mode="json", by_alias=True))
+    except BadRequest as exc:
+        outcome = failure(mask_text(str(exc)), 400)
+    except AgentError as exc:
+        outcome = failure(mask_text(_one_line(str(exc))) or type(exc).__name__)
+    except Exception as exc:
+        log.exception("%s failed unexpectedly", cmd.path)
+        outcome = failure(mask_text(f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"))
+    elapsed = time.monotonic() - started
+    ctx.metrics.requests.labels(cmd.path, outcome.label).inc()
+    ctx.metrics.latency.labels(cmd.path).observe(elapsed)
+    _log_line(cmd, taskuuid, elapsed, outcome, raw)
+    return outcome
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _log_line(cmd: Command, taskuuid: str | None, elapsed: float, outcome: Outcome, raw: bytes) -> None:
+    level = logging.INFO if outcome.label == "ok" else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    extra = "" if outcome.label == "ok" else f" error={outcome.body.get('error')!r}"
+    log.log(level, "%s %s task=%s %s %.1fms%s", cmd.mode.value, cmd.path, taskuuid or "-",
+            outcome.label, elapsed * 1000, extra)
+    if log.isEnabledFor(logging.DEBUG):
+        try:
+            body = mask_data(json.loads(raw or b"{}"), secret_field_names(cmd.request))
+        except ValueError:
+            body = "<not JSON>"
+        log.debug("%s request body: %s", cmd.path, body)
+
+
+def envelope_of(response: AgentResponse) -> dict[str, Any]:
+    return response.model_dump(mode="json", by_alias=True)

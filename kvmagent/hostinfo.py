@@ -1,0 +1,90 @@
+"""Host facts from psutil, procfs/sysfs files and libvirt (no command output is parsed)."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import psutil
+
+_PAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
+
+
+def page_size_label(kib: int) -> str:
+    """2048 -> "2M", 1048576 -> "1G" (the names /host/hugepages/* use)."""
+    if kib % (1024 * 1024) == 0:
+        return f"{kib // (1024 * 1024)}G"
+    if kib % 1024 == 0:
+        return f"{kib // 1024}M"
+    return f"{kib}K"
+
+
+def hugepage_summary(sysfs_root: Path) -> dict[str, dict[str, int]]:
+    """{"2M": {"total": n, "free": n}, ...} for the whole host."""
+    base = sysfs_root / "kernel/mm/hugepages"
+    result: dict[str, dict[str, int]] = {}
+    if not base.is_dir():
+        return result
+    for entry in sorted(base.iterdir()):
+        match = _PAGE_DIR.match(entry.name)
+        if not match:
+            continue
+        result[page_size_label(int(match.group(1)))] = {
+            "total": int((entry / "nr_hugepages").read_text()),
+            "free": int((entry / "free_hugepages").read_text()),
+        }
+    return result
+
+
+def cpuinfo(procfs_root: Path) -> tuple[str, str]:
+    """(model name, hvm flag "vmx"/"svm"/"") from the first processor of /proc/cpuinfo."""
+    model, flags = "", set()
+    try:
+        text = (procfs_root / "cpuinfo").read_text()
+    except OSError:
+        return model, ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        if model and flags:
+            break
+    hvm = "vmx" if "vmx" in flags else "svm" if "svm" in flags else ""
+    return model, hvm
+
+
+def cpu_speed_mhz() -> int:
+    freq = psutil.cpu_freq()
+    return int(freq.max or freq.current) if freq else 0
+
+
+def cpu_sockets(sysfs_root: Path) -> int:
+    ids = set()
+    for cpu in (sysfs_root / "devices/system/cpu").glob("cpu[0-9]*"):
+        try:
+            ids.add((cpu / "topology/physical_package_id").read_text().strip())
+        except OSError:
+            continue
+    return max(len(ids), 1)
+
+
+def os_release() -> tuple[str, str]:
+    try:
+        info = platform.freedesktop_os_release()
+    except OSError:
+        return platform.system(), ""
+    return info.get("ID", ""), info.get("VERSION_ID", "")
+
+
+def memory() -> tuple[int, int]:
+    """(total, used) bytes; used excludes reclaimable cache, as the MN's capacity math expects."""
+    vm = psutil.virtual_memory()
+    return vm.total, vm.total - vm.available
+
+
+def kernel_version() -> str:
+    return os.uname().release

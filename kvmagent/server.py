@@ -1,0 +1,155 @@
+"""The HTTP server: an aiohttp app built by :func:`create_app`, no module-level state."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import ssl
+from typing import Iterable
+
+from aiohttp import web
+
+from .config import AgentConfig
+from .context import AgentContext
+from .dispatch import execute, failure
+from .metrics import CONTENT_TYPE_LATEST
+from .openapi import build_openapi
+from .plugin import ASYNC, Plugin, Registry, discover_plugins, normalize_path
+from .tasks import TaskRunner, valid_taskuuid
+
+log = logging.getLogger(__name__)
+
+CTX = web.AppKey("ctx", AgentContext)
+REGISTRY = web.AppKey("registry", Registry)
+TASKS = web.AppKey("tasks", TaskRunner)
+
+# The schema is public even with a token: it holds no host data.
+PUBLIC_PATHS = {"/openapi.json"}
+
+
+def reply(body: dict, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+def create_app(config: AgentConfig, plugins: Iterable[Plugin] | None = None) -> web.Application:
+    """Build an agent. ``plugins`` defaults to the installed entry points (config may filter)."""
+    if plugins is None:
+        plugins = discover_plugins(config.plugins)
+    registry = Registry(plugins)
+    ctx = AgentContext.create(config)
+    tasks = TaskRunner(ctx)
+
+    middlewares = [envelope_errors]
+    if config.auth_token:
+        middlewares.insert(0, bearer_auth(config.auth_token))
+    app = web.Application(middlewares=middlewares, client_max_size=16 * 1024 * 1024)
+    app[CTX] = ctx
+    app[REGISTRY] = registry
+    app[TASKS] = tasks
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_route("*", "/{path:.*}", command_handler)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def lifecycle(app: web.Application):
+    ctx, registry, tasks = app[CTX], app[REGISTRY], app[TASKS]
+    await ctx.outbox.start()
+    tasks.restore()
+    await ctx.libvirt.start()
+    started = []
+    try:
+        for plugin in registry.plugins:
+            for hook in plugin.startup_hooks:
+                await hook(ctx)
+            started.append(plugin)
+        log.info("kvmagent ready: %d commands from plugins %s", len(registry.commands),
+                 ", ".join(p.name for p in registry.plugins))
+        yield
+    finally:
+        await tasks.close()
+        for plugin in reversed(started):
+            for hook in reversed(plugin.cleanup_hooks):
+                try:
+                    await hook(ctx)
+                except Exception:
+                    log.exception("cleanup of plugin %s failed", plugin.name)
+        await ctx.cancel_background()
+        await ctx.libvirt.close()
+        await ctx.outbox.close()
+        ctx.runner.shutdown()
+
+
+async def command_handler(request: web.Request) -> web.Response:
+    app = request.app
+    ctx, registry, tasks = app[CTX], app[REGISTRY], app[TASKS]
+    path = normalize_path(request.match_info["path"])
+    cmd = registry.lookup(path)
+    if cmd is None:
+        ctx.metrics.requests.labels("unknown", "not_found").inc()
+        return reply(failure(f"no such command: {path}").body, 404)
+    if request.method not in cmd.methods:
+        return reply(failure(f"{path} takes {'/'.join(cmd.methods)}, not {request.method}").body, 405)
+    raw = await request.read()
+    taskuuid = request.headers.get("taskuuid")
+    callbackurl = request.headers.get("callbackurl")
+
+    if cmd.mode is ASYNC and callbackurl:
+        if not taskuuid or not valid_taskuuid(taskuuid):
+            return reply(failure("header 'taskuuid' is required with 'callbackurl' and must be "
+                                 "1-128 characters of [A-Za-z0-9._:-]").body, 400)
+        tasks.accept(cmd, raw, taskuuid, callbackurl)
+        return reply({"success": True, "error": None})
+
+    outcome = await execute(ctx, cmd, raw, taskuuid)
+    return reply(outcome.body, outcome.status)
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return reply(build_openapi(request.app[REGISTRY]))
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[CTX].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def envelope_errors(request: web.Request, handler):
+    """Every error the framework itself raises still answers with the JSON envelope."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return reply(failure(exc.reason or "error").body, exc.status)
+    except Exception:
+        log.exception("unhandled error serving %s", request.path)
+        return reply(failure("internal error; see the agent log").body, 500)
+
+
+def bearer_auth(token: str):
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.path in PUBLIC_PATHS:
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return reply(failure("missing or wrong bearer token (header 'Authorization')").body, 401)
+        return await handler(request)
+
+    return check
+
+
+def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
+    if not config.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(config.tls_cert), str(config.tls_key) if config.tls_key else None)
+    if config.tls_client_ca:
+        context.load_verify_locations(cafile=str(config.tls_client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
