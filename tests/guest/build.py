@@ -75,6 +75,7 @@ FORMAT_VERSION = "1"
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.gz"
 MANIFEST_NAME = "manifest.json"
+PRUNE_AFTER_DAYS = 14
 
 
 class GuestBuildError(RuntimeError):
@@ -200,7 +201,21 @@ def _is_complete(entry: pathlib.Path) -> bool:
 
 
 def _image(entry: pathlib.Path) -> GuestImage:
+    with contextlib.suppress(OSError):
+        os.utime(entry)  # last use, for pruning
     return GuestImage(kernel=entry / KERNEL_NAME, initrd=entry / INITRD_NAME)
+
+
+def _prune(cache_dir: pathlib.Path, keep: pathlib.Path) -> None:
+    """Drop builds unused for PRUNE_AFTER_DAYS (other checkouts may still use recent ones)."""
+    limit = time.time() - PRUNE_AFTER_DAYS * 86400
+    for p in cache_dir.glob("linux-image-*"):
+        if p == keep or not p.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            if p.stat().st_mtime < limit:
+                _log(f"pruning unused build {p.name}")
+                shutil.rmtree(p)
 
 
 @contextlib.contextmanager
@@ -217,19 +232,33 @@ def _locked(cache_dir: pathlib.Path):
 # the build
 
 
-def _fetch_deb(pkg: str, version: str, workdir: pathlib.Path) -> pathlib.Path:
-    fname_prefix = f"{pkg}_{version.replace(':', '%3a')}_"
-    for archives in (pathlib.Path("/var/cache/apt/archives"),):
-        for deb in sorted(archives.glob(f"{pkg}_*.deb")):
-            if deb.name.startswith(fname_prefix):
+def _fetch_deb(pkg: str, version: str, debs_dir: pathlib.Path) -> pathlib.Path:
+    """The kernel .deb: from apt's archive cache, our own cache, or apt-get download.
+
+    Downloads are kept in ``debs_dir`` (only the current kernel) so that a
+    rebuild for a changed init script does not download again.
+    """
+    prefix = f"{pkg}_{version.replace(':', '%3a')}_"
+    for d in (pathlib.Path("/var/cache/apt/archives"), debs_dir):
+        for deb in sorted(d.glob(f"{pkg}_*.deb")):
+            if deb.name.startswith(prefix):
                 _log(f"using {deb}")
                 return deb
-    _log(f"apt-get download {pkg}={version}")
-    _run(["apt-get", "download", f"{pkg}={version}"], cwd=workdir, env=_apt_env())
-    debs = sorted(workdir.glob(f"{pkg}_*.deb"))
-    if not debs:
-        raise GuestBuildError(f"apt-get download {pkg} produced no .deb in {workdir}")
-    return debs[0]
+    debs_dir.mkdir(exist_ok=True)
+    dl = pathlib.Path(tempfile.mkdtemp(prefix=".dl-", dir=debs_dir))
+    try:
+        _log(f"apt-get download {pkg}={version}")
+        _run(["apt-get", "download", f"{pkg}={version}"], cwd=dl, env=_apt_env())
+        got = sorted(dl.glob(f"{pkg}_*.deb"))
+        if not got:
+            raise GuestBuildError(f"apt-get download {pkg} produced no .deb")
+        for old in debs_dir.glob("linux-image-*.deb"):
+            old.unlink()
+        final = debs_dir / got[0].name
+        os.rename(got[0], final)
+        return final
+    finally:
+        shutil.rmtree(dl, ignore_errors=True)
 
 
 def _module_bytes(path: pathlib.Path) -> bytes:
@@ -301,7 +330,7 @@ def _pack_initramfs(root: pathlib.Path, busybox: pathlib.Path, out: pathlib.Path
 def _build(entry_tmp: pathlib.Path, pkg: str, version: str, busybox: pathlib.Path, key: str) -> None:
     work = entry_tmp / "work"
     work.mkdir()
-    deb = _fetch_deb(pkg, version, work)
+    deb = _fetch_deb(pkg, version, entry_tmp.parent / "debs")
     x = work / "x"
     _run(["dpkg-deb", "-x", str(deb), str(x)])
     vmlinuz = sorted((x / "boot").glob("vmlinuz-*"))
@@ -402,6 +431,7 @@ def build_guest(cache_dir: pathlib.Path | None = None) -> GuestImage:
             _build(tmp, pkg, version, busybox, key)
             os.rename(tmp, entry)
             _log(f"built {entry} in {time.monotonic() - t0:.1f}s")
+            _prune(cache_dir, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -36,10 +36,13 @@ done </etc/kvmagent/modules
 dmesg -n 1
 
 # Tags accepted from the kernel command line: kvmagent.vfstags=a,b
+# kvmagent.vfsdiscover=0 turns off tag discovery (to test the fallback).
 CMDLINE_TAGS=""
+DISCOVER=1
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmagent.vfstags=*) CMDLINE_TAGS=$(echo "${arg#kvmagent.vfstags=}" | tr ',' ' ') ;;
+        kvmagent.vfsdiscover=0) DISCOVER=0 ;;
     esac
 done
 
@@ -64,16 +67,6 @@ powerbutton_watch() {
     [ "$found" = 1 ] || warn "no ACPI power button input device; shutdown will not work"
 }
 powerbutton_watch
-
-# --- heartbeat ------------------------------------------------------------
-(
-    n=0
-    while :; do
-        echo "KVMAGENT-GUEST-ALIVE $n"
-        n=$((n + 1))
-        sleep 5
-    done
-) &
 
 # --- virtiofs tag discovery -------------------------------------------------
 valid_tag() {
@@ -163,18 +156,21 @@ pci_virtiofs_tag() {
 # soon, so a device re-plugged at the same slot gets a fresh entry).
 mkdir -p /run/vfstag
 discovered_tags() {
+    [ "$DISCOVER" = 1 ] || return 0
     if [ -d /sys/fs/virtiofs ]; then
         for f in /sys/fs/virtiofs/*/tag; do
-            [ -r "$f" ] && cat "$f"
+            [ -r "$f" ] && read -r t <"$f" && echo "$t"
         done
-        return
+        return 0
     fi
-    for v in /sys/bus/virtio/devices/virtio*; do
-        [ -e "$v/device" ] || continue
-        [ "$(cat "$v/device")" = 0x001a ] || continue
-        ino=$(stat -L -c %i "$v") || continue
-        if [ -f "/run/vfstag/$ino" ]; then
-            cat "/run/vfstag/$ino"
+    set -- /sys/bus/virtio/devices/virtio*
+    [ -e "$1" ] || return 0
+    # Builtins only per device, so an idle guest costs little CPU under TCG.
+    ls -iLd "$@" 2>/dev/null | while read -r ino v; do
+        read -r id <"$v/device" 2>/dev/null || continue
+        [ "$id" = 0x001a ] || continue
+        if read -r t <"/run/vfstag/$ino" 2>/dev/null; then
+            echo "$t"
             continue
         fi
         pdev=$(readlink -f "$v/..")
@@ -209,6 +205,17 @@ report_files() {
 }
 
 echo "KVMAGENT-GUEST-READY"
+
+# --- heartbeat ------------------------------------------------------------
+(
+    n=0
+    while :; do
+        echo "KVMAGENT-GUEST-ALIVE $n"
+        n=$((n + 1))
+        sleep 5
+    done
+) &
+
 
 # Space-padded word lists: " a b ".
 MOUNTED=" "
