@@ -1,0 +1,116 @@
+"""Host plugin against the real qemu:///system libvirtd."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import libvirt
+import psutil
+import pytest
+
+from kvmagent.libvirt_conn import version_string
+
+pytestmark = pytest.mark.libvirt
+
+
+def real_versions() -> tuple[str, str]:
+    conn = libvirt.open("qemu:///system")
+    try:
+        return version_string(conn.getLibVersion()), version_string(conn.getVersion())
+    finally:
+        conn.close()
+
+
+async def test_connect_persists_identity_and_reports_versions(make_agent, mn):
+    agent = await make_agent()
+    reply = await agent.call("/host/connect", {"hostUuid": "3f1c0e2a", "sendCommandUrl": mn.send_command_url})
+    libvirt_version, qemu_version = real_versions()
+    assert reply["success"] is True
+    assert (reply["libvirtVersion"], reply["qemuVersion"]) == (libvirt_version, qemu_version)
+    # A restarted agent (same state dir) still knows who it is and where the MN is.
+    again = await make_agent()
+    ping = await again.call_async(mn, "/host/ping", {"hostUuid": "3f1c0e2a"})
+    assert ping == {"success": True, "error": None, "hostUuid": "3f1c0e2a",
+                    "version": ping["version"], "sendCommandUrl": mn.send_command_url}
+
+
+async def test_ping_for_another_host_fails_so_the_mn_reconnects(agent):
+    await agent.call("/host/connect", {"hostUuid": "aaa"})
+    reply = await agent.call("/host/ping", {"hostUuid": "bbb"})
+    assert reply["success"] is False and "host uuid mismatch" in reply["error"]
+
+
+async def test_connect_rejects_bad_host_uuid(agent):
+    status, body = await agent.post("/host/connect", {"hostUuid": "../etc", "sendCommandUrl": "x"})
+    assert status == 400
+    assert "field 'hostUuid'" in body["error"] and "field 'sendCommandUrl'" in body["error"]
+    assert agent.ctx.identity.host_uuid is None
+
+
+async def test_echo_get_and_post(agent):
+    assert (await agent.client.get("/host/echo")).status == 200
+    assert await agent.call("/host/echo") == {"success": True, "error": None}
+
+
+async def test_fact_matches_the_machine(agent):
+    fact = await agent.call("/host/fact")
+    libvirt_version, qemu_version = real_versions()
+    assert fact["success"] is True
+    assert fact["cpuNum"] == os.cpu_count()
+    assert fact["totalMemory"] == psutil.virtual_memory().total
+    assert (fact["libvirtVersion"], fact["qemuVersion"]) == (libvirt_version, qemu_version)
+    assert fact["kernelVersion"] == os.uname().release
+    assert fact["osDistribution"] and fact["cpuModelName"]
+    with open("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") as fh:
+        assert fact["hugepages"]["2M"]["total"] == int(fh.read())
+    assert fact["libvirtAvailable"] is True
+
+
+async def test_capacity(agent):
+    cap = await agent.call("/host/capacity")
+    assert cap["cpuNum"] == os.cpu_count()
+    assert 0 < cap["usedMemory"] < cap["totalMemory"] == psutil.virtual_memory().total
+
+
+async def test_libvirt_down_still_answers_ping_and_reports_unavailable(make_agent):
+    agent = await make_agent(libvirt_uri="qemu:///system?socket=/nonexistent/libvirt-sock")
+    ping = await agent.call("/host/ping")
+    assert ping["success"] is True
+    fact = await agent.call("/host/fact")
+    assert fact["success"] is True and fact["libvirtAvailable"] is False
+    assert fact["libvirtVersion"] is None and fact["cpuNum"] == os.cpu_count()
+    metrics = agent.ctx.metrics.render().decode()
+    assert "kvmagent_libvirt_connected 0.0" in metrics
+
+
+def _libvirtd_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "libvirtd"]
+
+
+@pytest.mark.skipif(os.path.exists("/run/systemd/system"), reason="restarts libvirtd by hand")
+async def test_reconnects_after_libvirtd_restart(agent):
+    """Kill libvirtd under a connected agent, start it again: the agent reconnects by itself."""
+    import asyncio
+
+    await agent.ctx.libvirt.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lambda *a: None)
+    assert (await agent.call("/host/fact"))["libvirtAvailable"] is True
+    for pid in _libvirtd_pids():
+        os.kill(pid, 15)
+    deadline = time.monotonic() + 15
+    while _libvirtd_pids() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    try:
+        deadline = time.monotonic() + 10
+        while agent.ctx.libvirt.available and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not agent.ctx.libvirt.available, "agent did not notice libvirtd went away"
+        assert (await agent.call("/host/ping"))["success"] is True
+    finally:
+        subprocess.run([shutil.which("libvirtd") or "/usr/sbin/libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 20
+    while not agent.ctx.libvirt.available and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert agent.ctx.libvirt.available, "agent did not reconnect after libvirtd came back"
+    assert (await agent.call("/host/fact"))["libvirtAvailable"] is True
