@@ -167,9 +167,9 @@ discovered_tags() {
     [ -e "$1" ] || return 0
     # Builtins only per device, so an idle guest costs little CPU under TCG.
     ls -iLd "$@" 2>/dev/null | while read -r ino v; do
-        read -r id <"$v/device" 2>/dev/null || continue
+        [ -r "$v/device" ] && read -r id <"$v/device" || continue
         [ "$id" = 0x001a ] || continue
-        if read -r t <"/run/vfstag/$ino" 2>/dev/null; then
+        if [ -f "/run/vfstag/$ino" ] && read -r t <"/run/vfstag/$ino"; then
             echo "$t"
             continue
         fi
@@ -179,7 +179,7 @@ discovered_tags() {
         [ -e "$v/device" ] || continue   # gone while we were reading
         echo "$t" >"/run/vfstag/$ino"
         echo "$t"
-    done
+    done 2>/dev/null   # devices may vanish under us: no noise on the console
 }
 
 # Is $1 still backed by a device?  For tags we cannot discover, try a second
