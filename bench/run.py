@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent))
+    names = argv or sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
                            if m.name.startswith("bench_"))
     results: dict[str, dict] = {}
     failed = False

@@ -50,6 +50,18 @@ class AgentConfig(BaseModel):
     docker_install_allowed: bool = False
     sysfs_root: Path = Path("/sys")
     procfs_root: Path = Path("/proc")
+    # Vhost target environment (docker engine, hugetlbfs).
+    docker_url: str = Field("unix:///var/run/docker.sock", description="docker engine base URL")
+    docker_timeout: float = Field(10.0, gt=0, description="one docker API call (client timeout)")
+    docker_start_timeout: float = Field(
+        60.0, gt=0, description="wait this long for the engine to answer after starting it")
+    dockerd_binary: str = Field(
+        "dockerd", description="dockerd name or path; its absence means docker is not installed")
+    dockerd_log_file: Path = Field(
+        Path("/var/log/dockerd.log"), description="log of a dockerd the agent spawns itself")
+    hugetlbfs_mount_point: Path = Field(
+        Path("/dev/hugepages2M"), description="where a pagesize=2M hugetlbfs is mounted when "
+        "none is mounted yet (an existing one with that page size is reused)")
 
     @field_validator("listen")
     @classmethod
