@@ -42,6 +42,15 @@ class AgentConfig(BaseModel):
     delivery_initial_backoff: float = Field(1.0, gt=0)
     delivery_max_backoff: float = Field(30.0, gt=0)
 
+    # VMs.
+    vm_path_roots: list[Path] = Field(
+        [Path("/var/lib/libvirt"), Path("/var/lib/kvmagent"), Path("/opt"), Path("/mnt"),
+         Path("/srv"), Path("/data")],
+        description="volumes, kernels and console logs of VMs must resolve inside these")
+    vm_state_report_debounce: float = Field(
+        2.0, ge=0, description="seconds a VM's state must settle before it is reported")
+    vm_stop_default_timeout: float = Field(60.0, gt=0)
+
     # Capabilities.
     models_root: Path = Path("/opt/kvmagent/models")
     juicefs_binary: str | None = Field(None, description="path to juicefs; default: PATH / venv")

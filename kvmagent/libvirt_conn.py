@@ -48,6 +48,8 @@ def ensure_event_impl() -> None:
             ready.set()
             loop.run_forever()
 
+        # libvirt prints every error to stderr by default; we report them ourselves.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         ready.wait(10)
         _event_loop = loop

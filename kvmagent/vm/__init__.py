@@ -1,0 +1,1 @@
+"""Virtual machines on libvirt: domain config objects, lifecycle, state events, the HA flag."""

@@ -1,0 +1,363 @@
+"""VM lifecycle on libvirt, state reports and the per-VM HA flag.
+
+Domains are named by the VM uuid and defined persistently while they run (virtiofs shares
+are added to the definition too); stop and destroy undefine them, since the MN holds the
+truth and the next start defines the domain afresh.
+
+The HA flag lives in the domain's metadata (``kvmagent`` namespace, live and config), so it
+survives agent restarts. A cache of the flags, built in one parallel pass and kept current by
+our own writes and libvirt's metadata-change events, lets a reconcile over hundreds of VMs
+touch only the domains whose flag changes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import libvirt
+
+from ..context import AgentContext
+from ..errors import AgentError, NotFoundError
+from ..validate import confine
+from . import states
+from .config import HA_NAMESPACE, HA_PREFIX, Domain, ha_metadata_xml, parse_ha_metadata
+
+log = logging.getLogger(__name__)
+
+REPORT_PATH = "/kvm/reportvmstate"
+
+
+def libvirt_message(exc: libvirt.libvirtError) -> str:
+    return " ".join((exc.get_error_message() or str(exc)).split())
+
+
+def _lookup(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def _metadata_flags(dom: libvirt.virDomain) -> int:
+    flags = 0
+    if dom.isActive():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    if dom.isPersistent():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    return flags
+
+
+def read_ha_flag(dom: libvirt.virDomain) -> bool:
+    try:
+        return parse_ha_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, HA_NAMESPACE, 0))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+            return False
+        raise
+
+
+def write_ha_flag(dom: libvirt.virDomain, enable: bool) -> None:
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ha_metadata_xml(enable), HA_PREFIX,
+                    HA_NAMESPACE, _metadata_flags(dom))
+
+
+def all_states(conn: libvirt.virConnect) -> dict[str, str]:
+    """name -> state for every domain, in one round trip where the driver allows."""
+    try:
+        stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+        return {dom.name(): states.state_name(values.get("state.state", -1)) for dom, values in stats}
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        return {dom.name(): states.state_name(dom.state()[0]) for dom in conn.listAllDomains()}
+
+
+def chunks(items: list, count: int) -> list[list]:
+    count = max(1, min(count, len(items)))
+    return [items[i::count] for i in range(count)] if items else []
+
+
+class VmService:
+    def __init__(self, ctx: AgentContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self._ha: dict[str, bool] | None = None
+        self._known: dict[str, str] = {}  # the state the MN last learned, per VM
+        self._debounce: dict[str, asyncio.TimerHandle] = {}
+        self._domain_type: str | None = None
+        self._synced = False  # first connection: learn states, report nothing
+
+    # -- plumbing ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        lv = self.ctx.libvirt
+        lv.on_reconnect(self._after_reconnect)
+        try:
+            await lv.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle)
+            await lv.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata)
+            await self.call(all_states)  # opens the connection; _after_reconnect learns states
+        except AgentError as exc:
+            log.warning("VM events not subscribed yet (%s); will subscribe on reconnect", exc)
+
+    async def close(self) -> None:
+        for handle in self._debounce.values():
+            handle.cancel()
+        self._debounce.clear()
+
+    def lock(self, uuid: str):
+        return self.ctx.locks.hold("vm", uuid)
+
+    async def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        try:
+            return await self.ctx.libvirt.call(fn, *args, timeout=timeout)
+        except libvirt.libvirtError as exc:
+            raise AgentError(f"libvirt: {libvirt_message(exc)}") from None
+
+    async def domain_type(self) -> str:
+        if self._domain_type is None:
+            wanted = self.config.domain_type
+            if wanted == "auto":
+                caps = await self.call(lambda conn: conn.getCapabilities())
+                usable = os.access("/dev/kvm", os.R_OK | os.W_OK) and "type='kvm'" in caps.replace('"', "'")
+                wanted = "kvm" if usable else "qemu"
+                log.info("domain type probed: %s", wanted)
+            self._domain_type = wanted
+        return self._domain_type
+
+    def check_path(self, path: str, what: str, must_exist: bool = True) -> str:
+        real = confine(path, self.config.vm_path_roots, what)
+        if must_exist and not real.exists():
+            raise AgentError(f"{what}: {path} does not exist")
+        return str(real)
+
+    def check_bridge(self, bridge: str) -> None:
+        if not (Path(self.config.sysfs_root) / "class/net" / bridge / "bridge").is_dir():
+            raise AgentError(f"nics: bridge {bridge} does not exist on this host")
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start_vm(self, spec: Domain) -> str:
+        async with self.lock(spec.name):
+            xml = spec.to_xml()
+
+            def start(conn: libvirt.virConnect) -> tuple[str, bool]:
+                dom = _lookup(conn, spec.uuid)
+                if dom is not None and dom.isActive():
+                    if read_ha_flag(dom) != spec.enable_ha:
+                        write_ha_flag(dom, spec.enable_ha)
+                    return states.state_name(dom.state()[0]), False
+                dom = conn.defineXML(xml)
+                try:
+                    dom.create()
+                except libvirt.libvirtError:
+                    dom.undefine()  # a failed start leaves nothing behind
+                    raise
+                return states.state_name(dom.state()[0]), True
+
+            state, created = await self.call(start, timeout=max(self.config.libvirt_call_timeout, 120))
+            self._set_known(spec.name, state)
+            if self._ha is not None:
+                self._ha[spec.name] = spec.enable_ha
+            log.info("VM %s %s (%s)", spec.name, "started" if created else "already running", state)
+            return state
+
+    async def stop_vm(self, uuid: str, how: str, timeout: float) -> None:
+        async with self.lock(uuid):
+            dom = await self.call(_lookup, uuid)
+            if dom is None:
+                self._set_known(uuid, states.STOPPED)
+                return
+            if how == "grace" and await self.call(lambda c: dom.isActive()):
+                await self.call(lambda c: dom.shutdown())
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and await self.call(lambda c: dom.isActive()):
+                    await asyncio.sleep(0.25)
+                if await self.call(lambda c: dom.isActive()):
+                    log.warning("VM %s did not shut down within %gs; destroying it", uuid, timeout)
+            await self.call(self._destroy_and_undefine, dom)
+            self._set_known(uuid, states.STOPPED)
+
+    async def destroy_vm(self, uuid: str) -> None:
+        await self.stop_vm(uuid, "force", 0)
+
+    @staticmethod
+    def _destroy_and_undefine(conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                try:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                      | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                      | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+                except libvirt.libvirtError:
+                    dom.undefine()  # drivers without those flags (test:///)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone meanwhile: fine
+                raise
+
+    async def _running_domain(self, uuid: str) -> libvirt.virDomain:
+        dom = await self.call(_lookup, uuid)
+        if dom is None:
+            raise NotFoundError(f"VM {uuid} does not exist on this host")
+        return dom
+
+    async def simple_op(self, uuid: str, op: str) -> str:
+        """reboot, pause or resume; returns the state afterwards."""
+        async with self.lock(uuid):
+            dom = await self._running_domain(uuid)
+            if not await self.call(lambda c: dom.isActive()):
+                raise AgentError(f"cannot {op} VM {uuid}: it is not running")
+            actions = {"reboot": lambda c: dom.reboot(0), "pause": lambda c: dom.suspend(),
+                       "resume": lambda c: dom.resume()}
+            await self.call(actions[op])
+            state = states.state_name((await self.call(lambda c: dom.state()))[0])
+            self._set_known(uuid, state if op != "reboot" else states.RUNNING)
+            return state
+
+    async def states_of(self, uuids: Iterable[str] | None = None) -> dict[str, str]:
+        found = await self.call(all_states)
+        if uuids is None:
+            return found
+        normal = {name.replace("-", "").lower(): state for name, state in found.items()}
+        return {u: found.get(u) or normal.get(u.replace("-", "").lower(), states.STOPPED) for u in uuids}
+
+    async def domain_xml(self, uuid: str, flags: int = 0) -> str:
+        dom = await self._running_domain(uuid)
+        return await self.call(lambda c: dom.XMLDesc(flags))
+
+    # -- HA flag ----------------------------------------------------------------------------
+    async def ha_flags(self) -> dict[str, bool]:
+        """VM uuid -> enableHa for every domain on the host (the HA plugin reads this)."""
+        if self._ha is None:
+            names: list[str] = await self.call(lambda c: [d.name() for d in c.listAllDomains()])
+
+            def read(conn: libvirt.virConnect, part: list[str]) -> dict[str, bool]:
+                flags = {}
+                for name in part:
+                    try:
+                        flags[name] = read_ha_flag(conn.lookupByName(name))
+                    except libvirt.libvirtError as exc:
+                        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                            raise
+                return flags
+
+            parts = await asyncio.gather(*(self.call(read, p) for p in
+                                           chunks(names, self.config.libvirt_workers)))
+            self._ha = {k: v for part in parts for k, v in part.items()}
+        return dict(self._ha)
+
+    async def ha_enabled_vms(self) -> set[str]:
+        return {uuid for uuid, on in (await self.ha_flags()).items() if on}
+
+    async def set_ha(self, uuid: str, enable: bool) -> None:
+        async with self.lock(uuid):
+            dom = await self._running_domain(uuid)
+            await self.call(lambda c: write_ha_flag(dom, enable))
+            if self._ha is not None:
+                self._ha[uuid] = enable
+
+    async def reconcile_ha(self, wanted: set[str]) -> tuple[list[str], list[str], list[str]]:
+        """Make exactly ``wanted`` HA-enabled; returns (enabled, disabled, missing)."""
+        current = await self.ha_flags()
+        missing = sorted(u for u in wanted if u not in current)
+        changes = [(u, u in wanted) for u, on in current.items() if (u in wanted) != on]
+
+        def apply(conn: libvirt.virConnect, part: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+            done = []
+            for name, enable in part:
+                try:
+                    write_ha_flag(conn.lookupByName(name), enable)
+                    done.append((name, enable))
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return done
+
+        parts = await asyncio.gather(*(self.call(apply, p) for p in
+                                       chunks(changes, self.config.libvirt_workers)))
+        applied = [c for part in parts for c in part]
+        if self._ha is not None:
+            self._ha.update(dict(applied))
+        return (sorted(u for u, on in applied if on), sorted(u for u, on in applied if not on),
+                missing)
+
+    # -- events and reports -----------------------------------------------------------------
+    def _on_lifecycle(self, uuid: str, name: str, args: tuple) -> None:
+        event = args[0] if args else None
+        if event in (libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED) \
+                and self._ha is not None:
+            self.ctx.spawn(self._refresh_flag(name), name=f"ha-flag {name}")
+        self._schedule_check(name)
+
+    def _on_metadata(self, uuid: str, name: str, args: tuple) -> None:
+        if self._ha is not None:
+            self.ctx.spawn(self._refresh_flag(name), name=f"ha-flag {name}")
+
+    async def _refresh_flag(self, name: str) -> None:
+        def read(conn: libvirt.virConnect) -> bool | None:
+            dom = _lookup_name(conn, name)
+            return None if dom is None else read_ha_flag(dom)
+        try:
+            flag = await self.call(read)
+        except AgentError:
+            self._ha = None
+            return
+        if self._ha is not None:
+            if flag is None:
+                self._ha.pop(name, None)
+            else:
+                self._ha[name] = flag
+
+    def _schedule_check(self, name: str) -> None:
+        old = self._debounce.pop(name, None)
+        if old:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._debounce[name] = loop.call_later(
+            self.config.vm_state_report_debounce,
+            lambda: self.ctx.spawn(self._check_and_report(name), name=f"vm-state {name}"))
+
+    async def _check_and_report(self, name: str) -> None:
+        self._debounce.pop(name, None)
+        if self.ctx.locks.locked("vm", name):
+            return  # a command is working on it; its result tells the MN
+        state = (await self.states_of([name]))[name]
+        self._report_if_changed(name, state)
+
+    def _report_if_changed(self, name: str, state: str) -> None:
+        if self._known.get(name) == state:
+            return
+        self._known[name] = state
+        self.ctx.reporter.report(REPORT_PATH, {"vmUuid": name, "vmState": state})
+
+    def _set_known(self, name: str, state: str) -> None:
+        self._known[name] = state
+
+    async def _after_reconnect(self) -> None:
+        """libvirtd came back: VMs may have changed while it was away; report differences."""
+        self._ha = None
+        try:
+            current = await self.call(all_states)
+        except AgentError:
+            return
+        if not self._synced:
+            self._synced = True
+            self._known = {**current, **self._known}
+            return
+        for name in set(self._known) | set(current):
+            self._report_if_changed(name, current.get(name, states.STOPPED))
+
+
+def _lookup_name(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
