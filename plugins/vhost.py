@@ -1,0 +1,166 @@
+"""Vhost storage target environment: hugepages, hugetlbfs and the docker engine.
+
+The mechanisms live in :mod:`kvmagent.hugepages` and :mod:`kvmagent.docker_engine`; this module
+declares the commands. Pool changes of one page size are serialised (lock ``hugepages/<size>``),
+so two prepares at once allocate once: the second finds the pages already there.
+
+A request naming a NUMA node or page size this host does not have fails like any invalid body
+(HTTP 400 for a sync call or an inline async one, ``success: false`` in the callback), before
+anything is changed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from kvmagent.context import AgentContext
+from kvmagent.dispatch import BadRequest
+from kvmagent.docker_engine import DockerEngine, DockerUnreachable, socket_problem
+from kvmagent.hugepages import MAX_COUNT, HugePages, HugepageInputError, PoolState, ensure_hugetlbfs
+from kvmagent.models import AgentRequest, AgentResponse
+from kvmagent.plugin import ASYNC, SYNC, Plugin
+
+log = logging.getLogger(__name__)
+
+plugin = Plugin("vhost", "vhost storage target environment: hugepages, hugetlbfs, docker")
+
+HUGEPAGES = "vhost.hugepages"
+DOCKER = "vhost.docker"
+# Growing a pool of 1G pages can take the kernel a while (compaction); never forever.
+HUGEPAGE_TIMEOUT = 300.0
+MOUNT_TIMEOUT = 30.0
+SOCKET_CHECK_TIMEOUT = 10.0
+VHOST_PAGE_SIZE = "2M"
+# docker's own rule for container names (daemon/names.go), plus a sane length bound.
+CONTAINER_NAME = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}$"
+
+def numa_node_field():
+    return Field(None, ge=0, le=4095, description="NUMA node; absent: the host-wide pool")
+
+
+class PrepareEnvCmd(AgentRequest):
+    hugepage_nr: int = Field(1024, ge=0, le=MAX_COUNT,
+                             description="free 2 MiB pages wanted (1024 = 2 GiB)")
+    numa_node: int | None = numa_node_field()
+
+
+class PrepareEnvRsp(AgentResponse):
+    hugepages_total: int = Field(0, description="2M pages in the pool (node pool if numaNode)")
+    hugepages_free: int = Field(0, description="free 2M pages in that pool")
+    hugetlbfs_mount: str | None = Field(None, description="a hugetlbfs mount with 2M pages")
+    docker_version: str | None = Field(None, description="the running engine's version")
+
+
+class HugepagesCmd(AgentRequest):
+    page_size: Literal["2M", "1G"]
+    count: int = Field(ge=0, le=MAX_COUNT)
+    numa_node: int | None = numa_node_field()
+
+
+class HugepagesRsp(AgentResponse):
+    total: int = Field(0, description="nr_hugepages of the pool after the change")
+    free: int = Field(0, description="free_hugepages of the pool after the change")
+    available: int = Field(0, description="extension: free minus reserved (resv_hugepages, "
+                                          "host pool only): what ensure guarantees")
+
+
+class HealthCmd(AgentRequest):
+    container_name: str = Field(pattern=CONTAINER_NAME)
+    socket_path: str = Field(min_length=2, max_length=4096)
+
+    @field_validator("socket_path")
+    @classmethod
+    def _normalized_absolute(cls, value: str) -> str:
+        if "\0" in value or not value.startswith("/") or os.path.normpath(value) != value \
+                or value.startswith("//"):
+            raise ValueError("must be an absolute normalized path (no '..', '//', '.' or "
+                             "trailing '/')")
+        return value
+
+
+class HealthRsp(AgentResponse):
+    healthy: bool = False
+    reason: str | None = Field(None, description="why not healthy; null when healthy")
+    container_status: str | None = Field(
+        None, description="extension: docker's status of the container (running, exited...), "
+                          "null when it does not exist or the engine is unreachable")
+
+
+@plugin.on_startup
+async def startup(ctx: AgentContext) -> None:
+    ctx.services[HUGEPAGES] = HugePages(ctx.config.sysfs_root, ctx.config.procfs_root)
+    ctx.services[DOCKER] = DockerEngine(ctx.config, ctx.runner)
+
+
+async def _checked_pool(ctx: AgentContext, page_size: str, numa_node: int | None) -> HugePages:
+    """The pool exists on this host (else HTTP 400 naming the field); nothing is changed."""
+    pages: HugePages = ctx.services[HUGEPAGES]
+    try:
+        await ctx.runner.run(pages.pool_dir, page_size, numa_node, timeout=SOCKET_CHECK_TIMEOUT,
+                             what="hugepage pool lookup")
+    except HugepageInputError as exc:
+        raise BadRequest(str(exc)) from None
+    return pages
+
+
+async def _change(ctx: AgentContext, op: str, page_size: str, count: int,
+                  numa_node: int | None) -> PoolState:
+    pages = await _checked_pool(ctx, page_size, numa_node)
+    async with ctx.locks.hold("hugepages", page_size):
+        return await ctx.runner.run(getattr(pages, op), page_size, count, numa_node,
+                                    timeout=HUGEPAGE_TIMEOUT, what=f"hugepages {op}")
+
+
+def _pool_rsp(state: PoolState) -> HugepagesRsp:
+    return HugepagesRsp(total=state.total, free=state.free, available=state.available)
+
+
+@plugin.command("/host/hugepages/ensure", mode=ASYNC)
+async def ensure_hugepages(ctx: AgentContext, req: HugepagesCmd) -> HugepagesRsp:
+    """At least ``count`` free pages of ``pageSize``; grows by the shortfall or fails unchanged."""
+    return _pool_rsp(await _change(ctx, "ensure", req.page_size, req.count, req.numa_node))
+
+
+@plugin.command("/host/hugepages/release", mode=ASYNC)
+async def release_hugepages(ctx: AgentContext, req: HugepagesCmd) -> HugepagesRsp:
+    """Give back up to ``count`` free pages; pages in use are never taken."""
+    return _pool_rsp(await _change(ctx, "release", req.page_size, req.count, req.numa_node))
+
+
+@plugin.command("/zbs/primarystorage/vhost/target/prepareenv", mode=ASYNC)
+async def prepare_env(ctx: AgentContext, req: PrepareEnvCmd) -> PrepareEnvRsp:
+    """Docker engine running, ``hugepageNr`` free 2M pages and a 2M hugetlbfs mount."""
+    pages = await _checked_pool(ctx, VHOST_PAGE_SIZE, req.numa_node)
+    engine: DockerEngine = ctx.services[DOCKER]
+    # Docker first: it is the likelier failure, and pages reserved for nothing help no one.
+    version = await engine.ensure_running()
+    async with ctx.locks.hold("hugepages", VHOST_PAGE_SIZE):
+        state = await ctx.runner.run(pages.ensure, VHOST_PAGE_SIZE, req.hugepage_nr,
+                                     req.numa_node, timeout=HUGEPAGE_TIMEOUT,
+                                     what="hugepages ensure")
+        mount = await ensure_hugetlbfs(ctx.config.procfs_root, VHOST_PAGE_SIZE,
+                                       ctx.config.hugetlbfs_mount_point, timeout=MOUNT_TIMEOUT)
+    return PrepareEnvRsp(hugepages_total=state.total, hugepages_free=state.free,
+                         hugetlbfs_mount=mount, docker_version=version)
+
+
+@plugin.command("/zbs/primarystorage/vhost/target/health", mode=SYNC)
+async def health(ctx: AgentContext, req: HealthCmd) -> HealthRsp:
+    """The target container is running and its vhost socket is a unix socket."""
+    engine: DockerEngine = ctx.services[DOCKER]
+    try:
+        status = await engine.container_status(req.container_name)
+    except DockerUnreachable as exc:
+        return HealthRsp(healthy=False, reason=f"docker engine unreachable: {exc.reason}")
+    if status is None:
+        return HealthRsp(healthy=False, reason=f"container {req.container_name} does not exist")
+    if status != "running":
+        return HealthRsp(healthy=False, reason=f"container {req.container_name} is {status}",
+                         container_status=status)
+    problem = await ctx.runner.run(socket_problem, req.socket_path, timeout=SOCKET_CHECK_TIMEOUT,
+                                   what="socket check")
+    return HealthRsp(healthy=problem is None, reason=problem, container_status=status)
+
