@@ -1,0 +1,339 @@
+"""EipManager: records, per-EIP serialisation, bounded parallel batches, rollback, restore.
+
+Ordering and races
+    Every operation on one EIP runs under ``ctx.locks.hold("eip", <netns name>)``. The key
+    is the namespace name (derived from the uuid), not the uuid, so an orphan clean-up that
+    only knows a name found on the host serialises with apply/delete of the EIP owning it.
+    The lock is the first thing a handler awaits, and asyncio locks are FIFO, so operations
+    on one EIP run in the order they reached the agent: a delete arriving while an apply is
+    in flight waits for it and then removes everything. Work on different EIPs runs in
+    parallel, bounded by one semaphore per agent (``parallel``), taken inside the lock.
+
+Records (``ctx.state`` documents ``eips/<eipUuid>``)
+    ``{"spec": {...}, "status": "applying"|"applied"|"deleting", "wasApplied": bool}``.
+    The record is written *before* anything is built, so nothing this agent creates is ever
+    unknown to it: after a crash, start-up finishes a ``deleting``, rolls back an ``applying``
+    that was never applied, and re-converges (repairs) the rest, in the background.
+
+Apply
+    converge: check bridges -> namespace -> sysctls -> nftables (one transaction) -> veths,
+    bridge ports, addresses, neighbour, route. Each step keeps what is right and replaces
+    what is not, so apply is also "repair". A failed apply rolls back what it created: all
+    of it for a fresh EIP (record dropped), the created pieces only for a re-apply (record
+    restored).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from ..errors import AgentError, BlockingTimeout
+from . import netlink, nft
+from .naming import DEFAULT_PREFIX, Names, Patterns, check_prefix
+from .spec import EipSpec
+
+if TYPE_CHECKING:
+    from ..context import AgentContext
+
+log = logging.getLogger(__name__)
+
+FOLDER = "eips"
+LOCK_KIND = "eip"
+
+
+@dataclass(frozen=True)
+class EipSettings:
+    prefix: str = DEFAULT_PREFIX       # names of namespaces and links (see naming.py)
+    parallel: int = 8                  # EIPs worked on at once (batches, restore)
+    netlink_timeout: float = 30.0      # one blocking netlink step
+    process_timeout: float = 15.0      # nft / sysctl inside the namespace
+    arp_timeout: float = 0.4           # how long the VIP duplicate probe listens
+    abort_grace: float = 10.0          # after a timeout, wait this long for the thread to stop
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+        if self.parallel < 1:
+            raise ValueError("parallel must be >= 1")
+
+
+@dataclass
+class BatchFailure:
+    eip_uuid: str
+    error: str
+
+
+class EipManager:
+    def __init__(self, ctx: "AgentContext", settings: EipSettings | None = None):
+        self.ctx = ctx
+        self.settings = settings or EipSettings()
+        self.patterns = Patterns(self.settings.prefix)
+        self.records: dict[str, dict[str, Any]] = {}
+        self._by_hash: dict[str, str] = {}
+        self._sem = asyncio.Semaphore(self.settings.parallel)
+        self._seq = itertools.count(1)
+        # Operations in the order they were serialised (seq), for debugging and tests.
+        self.history: deque[dict[str, Any]] = deque(maxlen=4096)
+        self.restored = asyncio.Event()
+
+    # ----- names and records --------------------------------------------------------------
+    def names(self, eip_uuid: str) -> Names:
+        return Names.of(self.settings.prefix, eip_uuid)
+
+    def load(self) -> None:
+        for doc_name in self.ctx.state.names(FOLDER):
+            doc = self.ctx.state.load(doc_name)
+            try:
+                spec = EipSpec.from_dict(doc["spec"])
+                status = doc["status"]
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("EIP record %s is invalid (%s); ignored", doc_name, exc)
+                continue
+            self._remember(spec.eip_uuid, doc | {"status": status})
+        log.info("EIP records loaded: %d", len(self.records))
+
+    def _remember(self, eip_uuid: str, record: dict[str, Any]) -> None:
+        self.records[eip_uuid] = record
+        self._by_hash[self.names(eip_uuid).hash] = eip_uuid
+
+    def _save(self, spec: EipSpec, status: str, was_applied: bool) -> None:
+        record = {"spec": spec.to_dict(), "status": status, "wasApplied": was_applied,
+                  "netns": self.names(spec.eip_uuid).netns, "updated": time.time()}
+        self.ctx.state.save(f"{FOLDER}/{spec.eip_uuid}", record)
+        self._remember(spec.eip_uuid, record)
+
+    def _restore_record(self, eip_uuid: str, record: dict[str, Any]) -> None:
+        self.ctx.state.save(f"{FOLDER}/{eip_uuid}", record)
+        self._remember(eip_uuid, record)
+
+    def _drop(self, eip_uuid: str) -> None:
+        self.ctx.state.delete(f"{FOLDER}/{eip_uuid}")
+        self.records.pop(eip_uuid, None)
+        h = self.names(eip_uuid).hash
+        if self._by_hash.get(h) == eip_uuid:
+            del self._by_hash[h]
+
+    def spec_of(self, eip_uuid: str) -> EipSpec | None:
+        record = self.records.get(eip_uuid)
+        return EipSpec.from_dict(record["spec"]) if record else None
+
+    def applied(self) -> list[str]:
+        return sorted(u for u, r in self.records.items() if r["status"] == "applied")
+
+    # ----- serialisation --------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _op(self, op: str, eip_uuid: str) -> AsyncIterator[dict[str, Any]]:
+        names = self.names(eip_uuid)
+        async with self.ctx.locks.hold(LOCK_KIND, names.netns):
+            entry: dict[str, Any] = {"seq": next(self._seq), "eip": eip_uuid, "op": op,
+                                     "start": time.monotonic(), "ok": False}
+            try:
+                async with self._sem:
+                    yield entry
+                entry["ok"] = True
+            except BaseException as exc:
+                entry["error"] = str(exc) or type(exc).__name__
+                raise
+            finally:
+                entry["end"] = time.monotonic()
+                self.history.append(entry)
+
+    async def _blocking(self, fn: Callable[[threading.Event], Any], what: str) -> Any:
+        """Run ``fn(abort)`` in the runner. On timeout, tell it to stop and wait until it did,
+        so the lock is never released while a thread still changes this EIP."""
+        abort, done = threading.Event(), threading.Event()
+
+        def work() -> Any:
+            try:
+                return fn(abort)
+            finally:
+                done.set()
+
+        try:
+            return await self.ctx.runner.run(work, timeout=self.settings.netlink_timeout,
+                                             what=what)
+        except (BlockingTimeout, asyncio.CancelledError):
+            abort.set()
+            deadline = time.monotonic() + self.settings.abort_grace
+            while not done.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if not done.is_set():
+                log.error("%s is still running %gs after its timeout", what,
+                          self.settings.abort_grace)
+            raise
+
+    # ----- apply / delete -------------------------------------------------------------------
+    async def apply(self, spec: EipSpec, op: str = "apply") -> netlink.ApplyReport:
+        async with self._op(op, spec.eip_uuid):
+            return await self._apply_locked(spec)
+
+    async def _apply_locked(self, spec: EipSpec) -> netlink.ApplyReport:
+        names = self.names(spec.eip_uuid)
+        owner = self._by_hash.get(names.hash)
+        if owner is not None and owner != spec.eip_uuid:
+            raise AgentError(f"eipUuid {spec.eip_uuid} maps to the same names ({names.netns}) "
+                             f"as EIP {owner}; delete that EIP first")
+        previous = self.records.get(spec.eip_uuid)
+        was_applied = bool(previous and (previous["status"] == "applied"
+                                         or previous.get("wasApplied")))
+        report = netlink.ApplyReport()
+        self._save(spec, "applying", was_applied)
+        try:
+            await self._blocking(lambda abort: netlink.prepare(spec, names, report),
+                                 f"prepare namespace {names.netns}")
+            await nft.set_sysctls(names, timeout=self.settings.process_timeout)
+            await nft.apply_ruleset(names, nft.build_ruleset(spec, names),
+                                    timeout=self.settings.process_timeout)
+            await self._blocking(
+                lambda abort: netlink.converge_links(spec, names, report, abort=abort,
+                                                     arp_timeout=self.settings.arp_timeout),
+                f"links of {names.netns}")
+        except BaseException as exc:
+            log.warning("apply of EIP %s failed (%s); rolling back", spec.eip_uuid, exc)
+            await self._rollback(spec, names, report, previous, was_applied)
+            raise
+        self._save(spec, "applied", True)
+        return report
+
+    async def _rollback(self, spec: EipSpec, names: Names, report: netlink.ApplyReport,
+                        previous: dict[str, Any] | None, was_applied: bool) -> None:
+        def undo(abort: threading.Event) -> None:
+            if not was_applied or report.created_netns:
+                netlink.teardown(names)           # all of it was ours to create
+            elif report.created_pairs:
+                netlink.remove_links(report.created_pairs)
+
+        try:
+            await self._blocking(undo, f"roll back {names.netns}")
+        except Exception:
+            log.exception("rollback of EIP %s failed; its record stays for a later repair",
+                          spec.eip_uuid)
+            return
+        if was_applied and previous is not None:
+            self._restore_record(spec.eip_uuid, previous)
+        else:
+            self._drop(spec.eip_uuid)
+
+    async def delete(self, eip_uuid: str, op: str = "delete") -> list[str]:
+        async with self._op(op, eip_uuid):
+            return await self._delete_locked(eip_uuid)
+
+    async def _delete_locked(self, eip_uuid: str) -> list[str]:
+        names = self.names(eip_uuid)
+        record = self.records.get(eip_uuid)
+        if record is not None and record["status"] != "deleting":
+            record = dict(record, status="deleting")
+            self._restore_record(eip_uuid, record)
+        removed = await self._blocking(lambda abort: netlink.teardown(names),
+                                       f"remove {names.netns}")
+        self._drop(eip_uuid)
+        return removed
+
+    # ----- many at once ---------------------------------------------------------------------
+    async def batch(self, op: str, items: list[Any]) -> list[BatchFailure]:
+        """Apply (``items``: specs) or delete (``items``: uuids) in parallel; failures listed."""
+
+        async def one(item: Any) -> BatchFailure | None:
+            eip_uuid = item.eip_uuid if isinstance(item, EipSpec) else item
+            try:
+                if op == "apply":
+                    await self.apply(item)
+                else:
+                    await self.delete(eip_uuid)
+            except AgentError as exc:
+                return BatchFailure(eip_uuid, str(exc))
+            except Exception as exc:
+                log.exception("%s of EIP %s failed unexpectedly", op, eip_uuid)
+                return BatchFailure(eip_uuid, f"internal error: {type(exc).__name__}: {exc}")
+            return None
+
+        results = await asyncio.gather(*(one(item) for item in items))
+        return [r for r in results if r is not None]
+
+    async def delete_vms(self, vm_uuids: list[str]) -> list[str]:
+        """Delete every EIP of these VMs (the self-fencer killed them); their uuids."""
+        wanted = {u.lower() for u in vm_uuids}
+        targets = sorted(u for u, r in self.records.items()
+                         if r["spec"]["vm_uuid"] in wanted)
+        failures = await self.batch("delete", targets)
+        if failures:
+            raise AgentError("; ".join(f"{f.eip_uuid}: {f.error}" for f in failures))
+        if targets:
+            log.info("deleted EIPs %s of killed VMs %s", targets, sorted(wanted))
+        return targets
+
+    # ----- restore and sync -----------------------------------------------------------------
+    async def restore(self) -> dict[str, list[str]]:
+        """Start-up: finish interrupted work, repair recorded EIPs. Runs in the background."""
+        outcome: dict[str, list[str]] = {"repaired": [], "ok": [], "removed": [], "failed": []}
+        try:
+            async def one(eip_uuid: str, record: dict[str, Any]) -> None:
+                try:
+                    if record["status"] == "deleting" or (
+                            record["status"] == "applying" and not record.get("wasApplied")):
+                        await self.delete(eip_uuid, op="restore-remove")
+                        outcome["removed"].append(eip_uuid)
+                    else:
+                        report = await self.apply(EipSpec.from_dict(record["spec"]), op="restore")
+                        key = "repaired" if _changed(report) else "ok"
+                        outcome[key].append(eip_uuid)
+                except Exception as exc:
+                    log.error("restoring EIP %s failed: %s", eip_uuid, exc)
+                    outcome["failed"].append(eip_uuid)
+
+            await asyncio.gather(*(one(u, r) for u, r in list(self.records.items())))
+            if any(outcome.values()):
+                log.info("EIP restore: %s", {k: len(v) for k, v in outcome.items()})
+        finally:
+            self.restored.set()
+        return outcome
+
+    async def sync(self, *, remove_orphans: bool = True, repair: bool = True) -> dict[str, Any]:
+        """Remove namespaces/links named with our prefix that no record owns; repair the rest."""
+        spaces, links = await self._blocking(lambda abort: netlink.list_owned(self.patterns),
+                                             "list EIP namespaces")
+        orphans: dict[str, list[str]] = {}
+        for name, h in list(spaces.items()) + list(links.items()):
+            if h not in self._by_hash:
+                orphans.setdefault(h, []).append(name)
+        removed: list[str] = []
+        failed: list[BatchFailure] = []
+        if remove_orphans:
+            for h, found in sorted(orphans.items()):
+                names = Names(self.settings.prefix, h)
+                async with self.ctx.locks.hold(LOCK_KIND, names.netns):
+                    if h in self._by_hash:  # an apply claimed it meanwhile
+                        continue
+                    try:
+                        removed += await self._blocking(lambda abort: netlink.teardown(names),
+                                                        f"remove orphan {names.netns}")
+                    except AgentError as exc:
+                        failed.append(BatchFailure(names.netns, str(exc)))
+        repaired: list[str] = []
+        if repair:
+            async def one(eip_uuid: str) -> None:
+                spec = self.spec_of(eip_uuid)
+                if spec is None:
+                    return
+                try:
+                    if _changed(await self.apply(spec, op="repair")):
+                        repaired.append(eip_uuid)
+                except AgentError as exc:
+                    failed.append(BatchFailure(eip_uuid, str(exc)))
+            await asyncio.gather(*(one(u) for u in self.applied()))
+        return {"eips": self.applied(), "orphans_removed": sorted(removed),
+                "repaired": sorted(repaired), "failed": failed}
+
+    async def observe(self, eip_uuid: str) -> netlink.Observed:
+        names = self.names(eip_uuid)
+        return await self._blocking(lambda abort: netlink.observe(names), f"observe {names.netns}")
+
+
+def _changed(report: netlink.ApplyReport) -> bool:
+    return bool(report.created_netns or report.created_pairs or report.removed)

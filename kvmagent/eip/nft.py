@@ -1,0 +1,149 @@
+"""The nftables ruleset of one EIP namespace, built as a JSON document and applied atomically.
+
+The namespace belongs to one EIP, so its whole ruleset is ours: a single ``nft -j -f -``
+transaction flushes it and adds everything below, run inside the namespace with
+``nsenter --net=/run/netns/<ns>`` (an argv, no shell). Either all of it applies or none does,
+and applying it twice leaves exactly one copy.
+
+``table ip <T>`` (T = "eip")::
+
+    prerouting  nat    dstnat  iifname <pn> ip daddr <vip>    counter dnat to <nicIp>
+    postrouting nat    srcnat  oifname <pn> ip saddr <nicIp>  counter snat to <vip>
+    forward     filter policy drop:
+                       ct state established,related accept
+                       iifname <pn> oifname <vn> ip daddr <nicIp> counter accept   (after DNAT)
+                       iifname <vn> oifname <pn> ip saddr <nicIp> counter accept
+    input       filter policy drop:
+                       iifname lo accept; ct state established,related accept
+                       iifname <vn> ip saddr <nicIp> icmp type echo-request accept  (ping gateway)
+
+``table arp <T>arp``: the namespace answers ARP for the NIC's gateway to the VM only and for the
+VIP only on the public side, so it never claims other addresses on either bridge::
+
+    input  iifname <vn> arp saddr ether != <nicMac> drop
+           iifname <pn> arp operation request arp daddr ip != <vip> drop
+    output oifname <vn> arp daddr ip != <nicIp> drop
+
+Only values from a validated :class:`~kvmagent.eip.spec.EipSpec` and :class:`Names` go in;
+JSON encoding does the quoting, there is no text template.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..blocking import run_process
+from ..errors import AgentError
+from .naming import Names
+from .spec import EipSpec
+
+TABLE = "eip"
+ARP_TABLE = "eiparp"
+NETNS_DIR = "/run/netns"
+
+
+def _match(left: dict, right: Any, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> dict:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _ct_established() -> dict:
+    return _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+
+
+def build_ruleset(spec: EipSpec, names: Names) -> dict:
+    pn, vn = names.pub_ns, names.vm_ns
+    cmds: list[dict] = [
+        {"metainfo": {"json_schema_version": 1}},
+        {"flush": {"ruleset": None}},
+        {"add": {"table": {"family": "ip", "name": TABLE}}},
+    ]
+
+    def chain(family: str, table: str, name: str, kind: str, hook: str, prio: int,
+              policy: str = "accept") -> None:
+        cmds.append({"add": {"chain": {"family": family, "table": table, "name": name,
+                                       "type": kind, "hook": hook, "prio": prio,
+                                       "policy": policy}}})
+
+    def rule(family: str, table: str, chain_name: str, *expr: dict) -> None:
+        cmds.append({"add": {"rule": {"family": family, "table": table, "chain": chain_name,
+                                      "expr": list(expr)}}})
+
+    chain("ip", TABLE, "prerouting", "nat", "prerouting", -100)
+    rule("ip", TABLE, "prerouting", _match(_meta("iifname"), pn),
+         _match(_payload("ip", "daddr"), spec.vip), {"counter": None},
+         {"dnat": {"addr": spec.nic_ip}})
+    chain("ip", TABLE, "postrouting", "nat", "postrouting", 100)
+    rule("ip", TABLE, "postrouting", _match(_meta("oifname"), pn),
+         _match(_payload("ip", "saddr"), spec.nic_ip), {"counter": None},
+         {"snat": {"addr": spec.vip}})
+    chain("ip", TABLE, "forward", "filter", "forward", 0, "drop")
+    rule("ip", TABLE, "forward", _ct_established(), {"accept": None})
+    rule("ip", TABLE, "forward", _match(_meta("iifname"), pn), _match(_meta("oifname"), vn),
+         _match(_payload("ip", "daddr"), spec.nic_ip), {"counter": None}, {"accept": None})
+    rule("ip", TABLE, "forward", _match(_meta("iifname"), vn), _match(_meta("oifname"), pn),
+         _match(_payload("ip", "saddr"), spec.nic_ip), {"counter": None}, {"accept": None})
+    chain("ip", TABLE, "input", "filter", "input", 0, "drop")
+    rule("ip", TABLE, "input", _match(_meta("iifname"), "lo"), {"accept": None})
+    rule("ip", TABLE, "input", _ct_established(), {"accept": None})
+    rule("ip", TABLE, "input", _match(_meta("iifname"), vn),
+         _match(_payload("ip", "saddr"), spec.nic_ip),
+         _match(_payload("icmp", "type"), "echo-request"), {"accept": None})
+
+    cmds.append({"add": {"table": {"family": "arp", "name": ARP_TABLE}}})
+    chain("arp", ARP_TABLE, "input", "filter", "input", 0)
+    rule("arp", ARP_TABLE, "input", _match(_meta("iifname"), vn),
+         _match(_payload("arp", "saddr ether"), spec.nic_mac, "!="), {"drop": None})
+    rule("arp", ARP_TABLE, "input", _match(_meta("iifname"), pn),
+         _match(_payload("arp", "operation"), "request"),
+         _match(_payload("arp", "daddr ip"), spec.vip, "!="), {"drop": None})
+    chain("arp", ARP_TABLE, "output", "filter", "output", 0)
+    rule("arp", ARP_TABLE, "output", _match(_meta("oifname"), vn),
+         _match(_payload("arp", "daddr ip"), spec.nic_ip, "!="), {"drop": None})
+    return {"nftables": cmds}
+
+
+def nsenter_argv(netns: str, *argv: str) -> list[str]:
+    return ["nsenter", f"--net={NETNS_DIR}/{netns}", "--", *argv]
+
+
+async def apply_ruleset(names: Names, document: dict, *, timeout: float) -> None:
+    """One atomic transaction inside the EIP namespace."""
+    result = await run_process(nsenter_argv(names.netns, "nft", "-j", "-f", "-"),
+                               input=json.dumps(document).encode(), timeout=timeout)
+    if not result.ok:
+        raise AgentError(f"nftables in namespace {names.netns}: {result.describe()}")
+
+
+async def list_ruleset(netns: str | None, *, timeout: float) -> dict:
+    """The ruleset (``nft -j list ruleset``) of a namespace, or of the host when None."""
+    argv = ["nft", "-j", "list", "ruleset"]
+    if netns is not None:
+        argv = nsenter_argv(netns, *argv)
+    result = await run_process(argv, timeout=timeout)
+    if not result.ok:
+        raise AgentError(f"nft list ruleset{' in ' + netns if netns else ''}: {result.describe()}")
+    return json.loads(result.stdout or b'{"nftables": []}')
+
+
+def rule_count(ruleset: dict) -> int:
+    """Rules in a listed ruleset (``{"rule": ..}``) or in a document (``{"add": {"rule": ..}}``)."""
+    return sum(1 for item in ruleset.get("nftables", [])
+               if "rule" in item or "rule" in item.get("add", {}))
+
+
+async def set_sysctls(names: Names, *, timeout: float) -> None:
+    """Forwarding on, IPv6 off (the EIP is IPv4; no link-local chatter on the bridges)."""
+    result = await run_process(nsenter_argv(
+        names.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"),
+        timeout=timeout)
+    if not result.ok:
+        raise AgentError(f"sysctl in namespace {names.netns}: {result.describe()}")

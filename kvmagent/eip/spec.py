@@ -1,0 +1,139 @@
+"""The validated description of one EIP, and the field checks the wire model uses.
+
+Every value that reaches netlink, nftables or a file name passes one of these checks first;
+the nftables renderer takes only an :class:`EipSpec`, never raw request text.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_UUID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+# Linux accepts almost any byte in an ifname; a host bridge we attach to must be plain.
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+
+
+def check_uuid(value: str) -> str:
+    value = value.lower()
+    if not _UUID.match(value):
+        raise ValueError("must be a uuid: 32 hex digits, or 8-4-4-4-12 hex digits with dashes")
+    return value
+
+
+def check_ipv4(value: str) -> str:
+    try:
+        addr = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr == ipaddress.IPv4Address(
+            "255.255.255.255"):
+        raise ValueError(f"{value} is not a usable unicast IPv4 address")
+    return str(addr)
+
+
+def check_netmask(value: str) -> str:
+    """A dotted netmask (255.255.255.0); a prefix length ("24") is accepted and normalised."""
+    text = str(value)
+    try:
+        if text.isdigit():
+            net = ipaddress.IPv4Network(f"0.0.0.0/{text}")
+        else:
+            ipaddress.IPv4Address(text)
+            net = ipaddress.IPv4Network(f"0.0.0.0/{text}")
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 netmask (contiguous, e.g. 255.255.255.0)") from None
+    if net.prefixlen < 1 or net.prefixlen > 30:
+        raise ValueError(f"netmask {text} leaves no room for a gateway and a host (/1 to /30)")
+    return str(net.netmask)
+
+
+def check_mac(value: str) -> str:
+    value = value.lower().replace("-", ":")
+    if not _MAC.match(value):
+        raise ValueError(f"{value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    if int(value[:2], 16) & 1:
+        raise ValueError(f"{value} is a multicast MAC, not a NIC's")
+    if value == "00:00:00:00:00:00":
+        raise ValueError("the all-zero MAC is not a NIC's")
+    return value
+
+
+def check_ifname(value: str) -> str:
+    if not _IFNAME.match(value):
+        raise ValueError(f"{value!r} is not a bridge name: 1-15 characters of [A-Za-z0-9_.-], "
+                         "starting with a letter or digit")
+    return value
+
+
+def prefixlen(netmask: str) -> int:
+    return ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+
+
+def network(ip: str, netmask: str) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(f"{ip}/{netmask}", strict=False)
+
+
+def check_consistency(spec: "EipSpec") -> None:
+    """Cross-field checks; the message names the field that is wrong."""
+    pairs = ((spec.vip, spec.vip_netmask, spec.vip_gateway, "vip", "vipGateway"),
+             (spec.nic_ip, spec.nic_netmask, spec.nic_gateway, "nicIp", "nicGateway"))
+    for ip, mask, gw, ip_field, gw_field in pairs:
+        net = network(ip, mask)
+        if ipaddress.IPv4Address(gw) not in net:
+            raise ValueError(f"{gw_field} {gw} is not in the subnet {net} of {ip_field}")
+        for field_name, value in ((ip_field, ip), (gw_field, gw)):
+            if ipaddress.IPv4Address(value) in (net.network_address, net.broadcast_address):
+                raise ValueError(f"{field_name} {value} is the network or broadcast address of {net}")
+        if ip == gw:
+            raise ValueError(f"{gw_field} must differ from {ip_field} ({ip})")
+    if spec.public_bridge_name == spec.vm_bridge_name:
+        raise ValueError("vmBridgeName must differ from publicBridgeName "
+                         f"({spec.vm_bridge_name}): the EIP routes between two bridges")
+
+
+@dataclass(frozen=True)
+class EipSpec:
+    eip_uuid: str
+    vm_uuid: str
+    vip: str
+    vip_netmask: str
+    vip_gateway: str
+    public_bridge_name: str
+    nic_uuid: str
+    nic_mac: str
+    nic_ip: str
+    nic_netmask: str
+    nic_gateway: str
+    vm_bridge_name: str
+    skip_arp_check: bool = False
+
+    @property
+    def vip_prefixlen(self) -> int:
+        return prefixlen(self.vip_netmask)
+
+    @property
+    def nic_prefixlen(self) -> int:
+        return prefixlen(self.nic_netmask)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EipSpec":
+        """Re-validate a stored spec (a state file is input too)."""
+        spec = cls(
+            eip_uuid=check_uuid(data["eip_uuid"]), vm_uuid=check_uuid(data["vm_uuid"]),
+            vip=check_ipv4(data["vip"]), vip_netmask=check_netmask(data["vip_netmask"]),
+            vip_gateway=check_ipv4(data["vip_gateway"]),
+            public_bridge_name=check_ifname(data["public_bridge_name"]),
+            nic_uuid=check_uuid(data["nic_uuid"]), nic_mac=check_mac(data["nic_mac"]),
+            nic_ip=check_ipv4(data["nic_ip"]), nic_netmask=check_netmask(data["nic_netmask"]),
+            nic_gateway=check_ipv4(data["nic_gateway"]),
+            vm_bridge_name=check_ifname(data["vm_bridge_name"]),
+            skip_arp_check=bool(data.get("skip_arp_check", False)),
+        )
+        check_consistency(spec)
+        return spec

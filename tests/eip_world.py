@@ -1,0 +1,300 @@
+"""A little network made of namespaces, for EIP tests and the EIP benchmark.
+
+Root namespace (the "hypervisor"): two bridges, ``<tag>pb`` (public) and ``<tag>vb`` (VM
+network), as on a real host; the agent attaches its veths to them. Around them::
+
+    <tag>-client ns: <tag>c1 198.51.100.2/24 ==veth== <tag>c0 -> <tag>pb
+    <tag>-vm<k>  ns: <tag>m<k>b 10.77.0.<10+k>/24, default via 10.77.0.1,
+                     MAC 02:77:00:00:00:<k> ==veth== <tag>m<k>a -> <tag>vb
+
+198.51.100.0/24 (TEST-NET-2) is the "public" network, 10.77.0.0/24 the VMs'. No address is
+put on anything in the root namespace, so no packet can leave the machine. Everything is
+named with a random tag (and the agent gets a random EIP prefix), and :meth:`World.destroy`
+removes all of it, also after a failure.
+
+When br_netfilter makes bridged IPv4 traverse the host's iptables FORWARD chain and that
+chain drops (a host running docker does), the world inserts ``-i <bridge> -o <bridge> -j
+ACCEPT`` for its two bridges and removes the rules in :meth:`destroy`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import socket
+import string
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kvmagent.eip.naming import Patterns
+
+PUBLIC_NET = ipaddress.IPv4Network("198.51.100.0/24")
+CLIENT_IP = "198.51.100.2"
+VIP_GATEWAY = "198.51.100.1"
+VM_NET = ipaddress.IPv4Network("10.77.0.0/24")
+NIC_GATEWAY = "10.77.0.1"
+_ALNUM = string.ascii_lowercase + string.digits
+
+
+def _rand(n: int) -> str:
+    return "".join(secrets.choice(_ALNUM) for _ in range(n))
+
+
+def vip_of(i: int) -> str:
+    return str(PUBLIC_NET.network_address + 10 + i)
+
+
+def nic_ip_of(k: int) -> str:
+    return str(VM_NET.network_address + 10 + k)
+
+
+def nic_mac_of(k: int) -> str:
+    return f"02:77:00:00:{k // 256:02x}:{k % 256:02x}"
+
+
+def _run(argv: list[str], check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, timeout=30, input=input)
+
+
+@dataclass
+class World:
+    tag: str = field(default_factory=lambda: "w" + _rand(4))
+    # The EIP prefix of the agent under test: its namespaces/links are cleaned up too.
+    prefix: str = field(default_factory=lambda: "t" + _rand(3))
+    vms: dict[int, str] = field(default_factory=dict)
+    _iptables_rules: list[list[str]] = field(default_factory=list)
+
+    @property
+    def pub_br(self) -> str:
+        return f"{self.tag}pb"
+
+    @property
+    def vm_br(self) -> str:
+        return f"{self.tag}vb"
+
+    @property
+    def client_ns(self) -> str:
+        return f"{self.tag}-client"
+
+    def vm_ns(self, k: int) -> str:
+        return f"{self.tag}-vm{k}"
+
+    # ----- building ---------------------------------------------------------------------
+    def build(self) -> "World":
+        with IPRoute() as ipr:
+            for br in (self.pub_br, self.vm_br):
+                ipr.link("add", ifname=br, kind="bridge")
+                ipr.link("set", index=ipr.link_lookup(ifname=br)[0], state="up")
+        self._veth_into(self.client_ns, f"{self.tag}c0", f"{self.tag}c1", self.pub_br,
+                        f"{CLIENT_IP}/24", gateway=None, mac=None)
+        self._allow_bridged_forwarding()
+        return self
+
+    def add_vm(self, k: int) -> str:
+        """A VM namespace holding nicIp ``nic_ip_of(k)`` on the VM bridge."""
+        if k not in self.vms:
+            self._veth_into(self.vm_ns(k), f"{self.tag}m{k}a", f"{self.tag}m{k}b", self.vm_br,
+                            f"{nic_ip_of(k)}/24", gateway=NIC_GATEWAY, mac=nic_mac_of(k))
+            self.vms[k] = self.vm_ns(k)
+        return self.vms[k]
+
+    def _veth_into(self, ns_name: str, outer: str, inner: str, bridge: str, cidr: str,
+                   gateway: str | None, mac: str | None) -> None:
+        netns.create(ns_name)
+        with IPRoute() as ipr:
+            peer: dict[str, Any] = {"ifname": inner, "net_ns_fd": ns_name}
+            if mac:
+                peer["address"] = mac
+            ipr.link("add", ifname=outer, kind="veth", peer=peer)
+            idx = ipr.link_lookup(ifname=outer)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=bridge)[0], state="up")
+        with IPRoute(netns=ns_name, flags=0) as ns:
+            idx = ns.link_lookup(ifname=inner)[0]
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            ns.link("set", index=idx, state="up")
+            address, plen = cidr.split("/")
+            ns.addr("add", index=idx, address=address, prefixlen=int(plen))
+            if gateway:
+                ns.route("add", dst="0.0.0.0/0", gateway=gateway)
+
+    def _allow_bridged_forwarding(self) -> None:
+        try:
+            with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as fh:
+                if fh.read().strip() != "1":
+                    return
+        except FileNotFoundError:
+            return
+        if _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False).returncode != 0:
+            return
+        for br in (self.pub_br, self.vm_br):
+            rule = ["FORWARD", "-i", br, "-o", br, "-j", "ACCEPT"]
+            _run(["iptables", "-w", "5", "-I", *rule[:1], "1", *rule[1:]])
+            self._iptables_rules.append(rule)
+
+    # ----- tearing down -----------------------------------------------------------------
+    def destroy(self) -> None:
+        """Remove everything of this world and of the agent prefix; never raises."""
+        errors = []
+        patterns = Patterns(self.prefix)
+        for rule in self._iptables_rules:
+            _run(["iptables", "-w", "5", "-D", *rule], check=False)
+        self._iptables_rules.clear()
+        try:
+            with IPRoute() as ipr:
+                for link in ipr.link("dump"):
+                    name = link.get("ifname") or ""
+                    if name.startswith(self.tag) or patterns.link_hash(name):
+                        try:
+                            ipr.link("del", index=link["index"])
+                        except NetlinkError:
+                            pass
+        except Exception as exc:  # pragma: no cover - best effort
+            errors.append(exc)
+        for name in netns.listnetns():
+            if name.startswith(self.tag + "-") or patterns.netns_hash(name):
+                try:
+                    netns.remove(name)
+                except OSError as exc:  # pragma: no cover
+                    errors.append(exc)
+        if errors:  # pragma: no cover
+            print(f"world {self.tag}: clean-up errors: {errors}")
+
+    # ----- EIP bodies -------------------------------------------------------------------
+    def eip(self, i: int = 0, vm: int = 0, eip_uuid: str | None = None, **over: Any) -> dict:
+        body = {
+            "eipUuid": eip_uuid or secrets.token_hex(16), "vmUuid": f"{vm + 1:032x}",
+            "vip": vip_of(i), "vipNetmask": "255.255.255.0", "vipGateway": VIP_GATEWAY,
+            "publicBridgeName": self.pub_br, "nicUuid": f"{vm + 1:032x}"[::-1],
+            "nicMac": nic_mac_of(vm), "nicIp": nic_ip_of(vm), "nicNetmask": "255.255.255.0",
+            "nicGateway": NIC_GATEWAY, "vmBridgeName": self.vm_br, "skipArpCheck": True,
+        }
+        body.update(over)
+        return body
+
+    # ----- what is left -----------------------------------------------------------------
+    def leftovers(self) -> dict[str, list[str]]:
+        """Namespaces, root links and root nft rules that carry the agent's prefix."""
+        patterns = Patterns(self.prefix)
+        spaces = [n for n in netns.listnetns() if patterns.netns_hash(n)]
+        with IPRoute() as ipr:
+            links = [l.get("ifname") for l in ipr.link("dump")
+                     if patterns.link_hash(l.get("ifname") or "")]
+        ruleset = _run(["nft", "list", "ruleset"]).stdout.decode()
+        rules = [line.strip() for line in ruleset.splitlines()
+                 if self.prefix in line or "198.51.100." in line]
+        return {"netns": spaces, "links": links, "nft": rules}
+
+
+# ----- traffic, from sockets created inside the namespaces --------------------------------
+def ns_socket(ns_name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    return netns.create_socket(ns_name, family, kind, proto, flags=0)
+
+
+def tcp_exchange(server_ns: str, server_ip: str, client_ns: str, connect_ip: str,
+                 port: int = 7777, timeout: float = 5.0) -> dict[str, str]:
+    """A TCP server in ``server_ns`` answers with its namespace name and the peer it saw.
+
+    Returns ``{"answered_by": <server ns>, "server_saw": <client address as seen by the
+    server>, "client_local": <client's own address>}``.
+    """
+    server = ns_socket(server_ns, socket.AF_INET, socket.SOCK_STREAM)
+    client = ns_socket(client_ns, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((server_ip, port))
+        server.listen(1)
+        server.settimeout(timeout)
+        client.settimeout(timeout)
+        client.connect((connect_ip, port))
+        conn, peer = server.accept()
+        with conn:
+            conn.sendall(json.dumps({"answered_by": server_ns, "server_saw": peer[0]}).encode())
+        reply = b""
+        while chunk := client.recv(4096):
+            reply += chunk
+        result = json.loads(reply)
+        result["client_local"] = client.getsockname()[0]
+        return result
+    finally:
+        client.close()
+        server.close()
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping_through(client_ns: str, vip: str, vm_ns: str, timeout: float = 3.0) -> dict[str, str]:
+    """ICMP echo from the client to ``vip``; a raw listener in ``vm_ns`` sees the request.
+
+    Returns ``{"reply_from": <source of the echo reply>, "vm_saw_dst": <destination of the
+    echo request as it arrived in the VM namespace>, "vm_saw_src": <its source>}``.
+    """
+    ident = secrets.randbits(16)
+    listener = ns_socket(vm_ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    pinger = ns_socket(client_ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        listener.settimeout(timeout)
+        pinger.settimeout(timeout)
+        payload = b"kvmagent-eip-test"
+        header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+        packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1) + payload
+        pinger.sendto(packet, (vip, 0))
+        result: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while "reply_from" not in result and time.monotonic() < deadline:
+            data, addr = pinger.recvfrom(2048)
+            ihl = (data[0] & 0x0F) * 4
+            icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+            if icmp_type == 0 and rid == ident:
+                result["reply_from"] = addr[0]
+        while "vm_saw_dst" not in result and time.monotonic() < deadline:
+            data = listener.recv(2048)
+            ihl = (data[0] & 0x0F) * 4
+            icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+            if icmp_type == 8 and rid == ident:
+                result["vm_saw_src"] = socket.inet_ntoa(data[12:16])
+                result["vm_saw_dst"] = socket.inet_ntoa(data[16:20])
+        return result
+    finally:
+        listener.close()
+        pinger.close()
+
+
+def ns_nft_rules(ns_name: str) -> list[dict]:
+    """The rules of a namespace's ruleset (``nft -j list ruleset`` inside it)."""
+    out = _run(["nsenter", f"--net=/run/netns/{ns_name}", "--", "nft", "-j", "list", "ruleset"])
+    return [item["rule"] for item in json.loads(out.stdout)["nftables"] if "rule" in item]
+
+
+def ns_run(ns_name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(["nsenter", f"--net=/run/netns/{ns_name}", "--", *argv], check=check)
+
+
+def root_link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+__all__ = ["World", "tcp_exchange", "ping_through", "ns_nft_rules", "ns_run", "vip_of",
+           "nic_ip_of", "nic_mac_of", "CLIENT_IP"]
