@@ -28,9 +28,10 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import docker
 import docker.errors
@@ -98,9 +99,9 @@ def describe_error(exc: BaseException, timeout: float) -> str:
             return f"no answer within {timeout:g}s"
     for item in seen:
         if isinstance(item, FileNotFoundError):
-            return "no socket there (is dockerd running?)"
+            return "no socket there"
         if isinstance(item, ConnectionRefusedError):
-            return "connection refused (is dockerd running?)"
+            return "connection refused"
         if isinstance(item, PermissionError):
             return "permission denied on the socket"
         if isinstance(item, OSError) and item.errno == errno.ENOTSOCK:

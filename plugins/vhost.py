@@ -19,7 +19,14 @@ from pydantic import Field, field_validator
 from kvmagent.context import AgentContext
 from kvmagent.dispatch import BadRequest
 from kvmagent.docker_engine import DockerEngine, DockerUnreachable, socket_problem
-from kvmagent.hugepages import MAX_COUNT, HugePages, HugepageInputError, PoolState, ensure_hugetlbfs
+from kvmagent.errors import AgentError
+from kvmagent.hugepages import (
+    MAX_COUNT,
+    HugepageInputError,
+    HugePages,
+    PoolState,
+    ensure_hugetlbfs,
+)
 from kvmagent.models import AgentRequest, AgentResponse
 from kvmagent.plugin import ASYNC, SYNC, Plugin
 
@@ -155,12 +162,18 @@ async def health(ctx: AgentContext, req: HealthCmd) -> HealthRsp:
         status = await engine.container_status(req.container_name)
     except DockerUnreachable as exc:
         return HealthRsp(healthy=False, reason=f"docker engine unreachable: {exc.reason}")
+    except AgentError as exc:  # the engine answered with an error
+        return HealthRsp(healthy=False, reason=str(exc))
     if status is None:
         return HealthRsp(healthy=False, reason=f"container {req.container_name} does not exist")
     if status != "running":
         return HealthRsp(healthy=False, reason=f"container {req.container_name} is {status}",
                          container_status=status)
-    problem = await ctx.runner.run(socket_problem, req.socket_path, timeout=SOCKET_CHECK_TIMEOUT,
-                                   what="socket check")
+    try:
+        problem = await ctx.runner.run(socket_problem, req.socket_path,
+                                       timeout=SOCKET_CHECK_TIMEOUT,
+                                       what=f"socket {req.socket_path} check")
+    except AgentError as exc:  # stat hung (storage under the path): unhealthy, not a failure
+        problem = str(exc)
     return HealthRsp(healthy=problem is None, reason=problem, container_status=status)
 

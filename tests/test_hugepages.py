@@ -5,18 +5,27 @@ Real tests change the machine's pools and always put them back (``real_pools`` f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from kvmagent.blocking import run_process
 from kvmagent.hugepages import (
-    HugePages, HugepageError, HugepageInputError, PoolState, ensure_hugetlbfs, hugetlbfs_mounts,
-    parse_size_kb, read_mounts,
+    HugepageError,
+    HugepageInputError,
+    HugePages,
+    PoolState,
+    ensure_hugetlbfs,
+    hugetlbfs_mounts,
+    parse_size_kb,
+    read_mounts,
 )
 
 SYSFS = Path("/sys")
@@ -224,18 +233,26 @@ def real_totals() -> dict[str, int]:
     return {size: real_pool(size).total for size in KB}
 
 
-@pytest.fixture
-def real_pools(tmp_path):
+@contextlib.contextmanager
+def pools_restored() -> Iterator[dict[str, int]]:
     """Record this machine's pools and hugetlbfs mounts; put both back whatever happens."""
     before = real_totals()
     mounts_before = {m.mount_point for m in read_mounts(Path("/proc")) if m.fstype == "hugetlbfs"}
-    yield before
-    for m in read_mounts(Path("/proc")):
-        if m.fstype == "hugetlbfs" and m.mount_point not in mounts_before:
-            subprocess.run(["umount", m.mount_point], check=False, timeout=30)
-    for size, value in before.items():
-        set_real_total(size, value)
+    try:
+        yield before
+    finally:
+        for m in read_mounts(Path("/proc")):
+            if m.fstype == "hugetlbfs" and m.mount_point not in mounts_before:
+                subprocess.run(["umount", m.mount_point], check=False, timeout=30)
+        for size, value in before.items():
+            set_real_total(size, value)
     assert real_totals() == before, "hugepage pools not restored"
+
+
+@pytest.fixture
+def real_pools():
+    with pools_restored() as before:
+        yield before
 
 
 
@@ -307,8 +324,8 @@ async def test_real_release_never_takes_pages_in_use(agent, real_pools, tmp_path
     assert reply["success"], reply
     mnt = tmp_path / "huge"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "nodev", str(mnt)],
-                   check=True, timeout=30)
+    await run_process(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "nodev", str(mnt)],
+                      timeout=30, check=True)
     try:
         fd = os.open(mnt / "pinned", os.O_CREAT | os.O_RDWR, 0o600)
         size = 4 * 2 * 1024 * 1024
@@ -326,7 +343,7 @@ async def test_real_release_never_takes_pages_in_use(agent, real_pools, tmp_path
         area.close()
         os.close(fd)
     finally:
-        subprocess.run(["umount", str(mnt)], check=False, timeout=30)
+        await run_process(["umount", str(mnt)], timeout=30)
 
 
 @pytest.mark.hugepages
@@ -392,9 +409,9 @@ async def test_real_hugetlbfs_mount_created_then_reused(real_pools, tmp_path):
     assert await ensure_hugetlbfs(proc, "2M", target) == got  # idempotent
     # A mount point holding a 1G hugetlbfs is never mounted over.
     if not existing:
-        subprocess.run(["umount", got], check=True, timeout=30)
+        await run_process(["umount", got], timeout=30, check=True)
         if "1G" in HugePages(SYSFS).supported_sizes():
-            subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "nodev", str(target)],
-                           check=True, timeout=30)
+            await run_process(["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "nodev",
+                               str(target)], timeout=30, check=True)
             with pytest.raises(Exception, match="not hugetlbfs with 2M pages"):
                 await ensure_hugetlbfs(proc, "2M", target)
