@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-__all__ = ["BOOT_MARKER", "GuestImage", "build_guest", "GuestBuildError"]
+__all__ = ["BOOT_MARKER", "GuestBuildError", "GuestImage", "build_guest"]
 
 BOOT_MARKER = "KVMAGENT-GUEST-READY"
 
@@ -97,11 +97,10 @@ def _log(msg: str) -> None:
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("check", True)
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
     try:
-        return subprocess.run(cmd, **kw)
+        return subprocess.run(cmd, check=True, **kw)
     except subprocess.CalledProcessError as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
         raise GuestBuildError(f"{' '.join(cmd)} failed ({e.returncode}): {err}") from e
@@ -122,7 +121,7 @@ def _resolve_kernel_package() -> tuple[str, str]:
     def apt_cache(*args: str) -> str | None:
         p = subprocess.run(
             ["apt-cache", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_apt_env(),
+            check=False, capture_output=True, text=True, env=_apt_env(),
         )
         return p.stdout if p.returncode == 0 else None
 
@@ -131,13 +130,13 @@ def _resolve_kernel_package() -> tuple[str, str]:
         if not out:
             return None
         m = re.search(r"^Depends:.*?\b(linux-image-[^\s,]+-cloud-amd64)(?:\s*\(=\s*([^)\s]+)\))?",
-                      out, re.M)
+                      out, re.MULTILINE)
         if not m:
             return None
         pkg, version = m.group(1), m.group(2)
         if version is None:
             pol = apt_cache("policy", pkg) or ""
-            v = re.search(r"^\s*Candidate:\s*(\S+)\s*$", pol, re.M)
+            v = re.search(r"^\s*Candidate:\s*(\S+)\s*$", pol, re.MULTILINE)
             if not v or v.group(1) == "(none)":
                 return None
             version = v.group(1)
@@ -399,6 +398,19 @@ def build_guest(cache_dir: pathlib.Path | None = None) -> GuestImage:
     with contextlib.suppress(PermissionError):
         os.chmod(cache_dir, 0o755)
 
+    memo = _MEMO.get(cache_dir)
+    if memo is not None and memo.kernel.is_file() and memo.initrd.is_file():
+        return memo
+    image = _build_guest(cache_dir)
+    _MEMO[cache_dir] = image
+    return image
+
+
+# Per-process memo: spares the apt-cache lookup on repeated calls in a session.
+_MEMO: dict[pathlib.Path, GuestImage] = {}
+
+
+def _build_guest(cache_dir: pathlib.Path) -> GuestImage:
     busybox = _busybox()
     key = _content_hash(busybox)
     try:

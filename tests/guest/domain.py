@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from .build import GuestImage
 
-__all__ = ["tiny_domain_xml", "guest_cmdline"]
+__all__ = ["guest_cmdline", "tiny_domain_xml"]
 
 
 def guest_cmdline(virtiofs_tags: Iterable[str] = (), extra: str = "") -> str:

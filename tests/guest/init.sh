@@ -31,20 +31,23 @@ while read -r m; do
     insmod "/lib/modules/$m.ko" || warn "insmod $m failed"
 done </etc/kvmagent/modules
 
-# From here on keep kernel chatter (e.g. "virtio-fs: tag <x> not found" from
-# our probing) off the serial console; `dmesg` still has everything.
-dmesg -n 1
-
 # Tags accepted from the kernel command line: kvmagent.vfstags=a,b
-# kvmagent.vfsdiscover=0 turns off tag discovery (to test the fallback).
+# kvmagent.vfsdiscover=0 turns off tag discovery (to test the fallback);
+# kvmagent.debug=1 keeps kernel messages on the console.
 CMDLINE_TAGS=""
 DISCOVER=1
+DEBUG=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmagent.vfstags=*) CMDLINE_TAGS=$(echo "${arg#kvmagent.vfstags=}" | tr ',' ' ') ;;
         kvmagent.vfsdiscover=0) DISCOVER=0 ;;
+        kvmagent.debug=1) DEBUG=1 ;;
     esac
 done
+
+# From here on keep kernel chatter (e.g. "virtio-fs: tag <x> not found" from
+# probing) off the serial console, unless kvmagent.debug=1.
+[ "$DEBUG" = 1 ] || dmesg -n 1
 
 # --- ACPI power button -> poweroff ---------------------------------------
 # button.ko turns the ACPI power button into an input device named
@@ -56,17 +59,31 @@ powerbutton_watch() {
         name=$(cat "$ev/device/name" 2>/dev/null)
         [ "$name" = "Power Button" ] || continue
         node="/dev/input/${ev##*/}"
+        [ -c "$node" ] || continue
         found=1
         (
-            dd if="$node" of=/dev/null bs=24 count=1 2>/dev/null
-            echo "KVMAGENT-GUEST-POWEROFF"
-            sync
-            poweroff -f
+            # one struct input_event (24 bytes on x86_64) = a press
+            if dd if="$node" of=/dev/null bs=24 count=1 2>/dev/null; then
+                echo "KVMAGENT-GUEST-POWEROFF"
+                sync
+                poweroff -f
+            else
+                warn "cannot read $node: ACPI shutdown will not work"
+            fi
         ) &
     done
-    [ "$found" = 1 ] || warn "no ACPI power button input device; shutdown will not work"
+    [ "$found" = 1 ]
 }
-powerbutton_watch
+# The input device appears while button.ko probes; allow it a moment.
+tries=0
+until powerbutton_watch; do
+    tries=$((tries + 1))
+    if [ $tries -ge 20 ]; then
+        warn "no ACPI power button input device; virDomainShutdown will not work"
+        break
+    fi
+    sleep 0.1
+done
 
 # --- virtiofs tag discovery -------------------------------------------------
 valid_tag() {
