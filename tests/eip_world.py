@@ -239,7 +239,8 @@ def ping_through(client_ns: str, vip: str, vm_ns: str, timeout: float = 3.0) -> 
     """ICMP echo from the client to ``vip``; a raw listener in ``vm_ns`` sees the request.
 
     Returns ``{"reply_from": <source of the echo reply>, "vm_saw_dst": <destination of the
-    echo request as it arrived in the VM namespace>, "vm_saw_src": <its source>}``.
+    echo request as it arrived in the VM namespace>, "vm_saw_src": <its source>}``; keys
+    are missing for what did not happen within ``timeout``.
     """
     ident = secrets.randbits(16)
     listener = ns_socket(vm_ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
@@ -253,19 +254,25 @@ def ping_through(client_ns: str, vip: str, vm_ns: str, timeout: float = 3.0) -> 
         pinger.sendto(packet, (vip, 0))
         result: dict[str, str] = {}
         deadline = time.monotonic() + timeout
-        while "reply_from" not in result and time.monotonic() < deadline:
-            data, addr = pinger.recvfrom(2048)
-            ihl = (data[0] & 0x0F) * 4
-            icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if icmp_type == 0 and rid == ident:
-                result["reply_from"] = addr[0]
-        while "vm_saw_dst" not in result and time.monotonic() < deadline:
-            data = listener.recv(2048)
-            ihl = (data[0] & 0x0F) * 4
-            icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if icmp_type == 8 and rid == ident:
-                result["vm_saw_src"] = socket.inet_ntoa(data[12:16])
-                result["vm_saw_dst"] = socket.inet_ntoa(data[16:20])
+        try:
+            while "reply_from" not in result and time.monotonic() < deadline:
+                data, addr = pinger.recvfrom(2048)
+                ihl = (data[0] & 0x0F) * 4
+                icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+                if icmp_type == 0 and rid == ident:
+                    result["reply_from"] = addr[0]
+        except TimeoutError:
+            pass
+        try:
+            while "vm_saw_dst" not in result and time.monotonic() < deadline:
+                data = listener.recv(2048)
+                ihl = (data[0] & 0x0F) * 4
+                icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+                if icmp_type == 8 and rid == ident:
+                    result["vm_saw_src"] = socket.inet_ntoa(data[12:16])
+                    result["vm_saw_dst"] = socket.inet_ntoa(data[16:20])
+        except TimeoutError:
+            pass
         return result
     finally:
         listener.close()

@@ -120,3 +120,281 @@ async def test_apply_carries_traffic_and_delete_leaves_nothing(eip_agent, world,
     reply = await agent.call_async(mn, DELETE, {"eip": body})
     assert reply == {"success": True, "error": None}, reply
     await assert_gone(world, agent, body)
+
+
+async def test_apply_twice_is_one_copy_and_reapply_updates(eip_agent, world):
+    agent = await eip_agent()
+    body = world.eip(0)
+    for _ in range(2):
+        assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await assert_one_copy(world, agent, body)
+    await traffic(world, body)
+    # Same EIP, another VIP: the old address, rules and ARP answers go, one copy of the new.
+    moved = dict(body, vip=vip_of(1))
+    assert (await agent.call(APPLY, {"eip": moved}))["success"]
+    await assert_one_copy(world, agent, moved)
+    await traffic(world, moved)
+    assert (await agent.call(DELETE, {"eip": moved}))["success"]
+    await assert_gone(world, agent, moved)
+
+
+async def test_delete_of_absent_eip_succeeds(eip_agent, world):
+    agent = await eip_agent()
+    body = world.eip(0)
+    for _ in range(2):
+        reply = await agent.call(DELETE, {"eip": body})
+        assert reply == {"success": True, "error": None}
+    await assert_gone(world, agent, body)
+
+
+async def test_apply_repairs_half_built_eip(eip_agent, world):
+    agent = await eip_agent()
+    body = world.eip(0)
+    names = _names(world, body)
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+
+    # 1. The namespace end of the VM-side veth is deleted by hand: its peer goes with it.
+    await asyncio.to_thread(ns_run, names.netns, "ip", "link", "del", names.vm_ns)
+    assert not await asyncio.to_thread(root_link_exists, names.vm_host)
+    # 2. The host end of the public veth too, 3. the VIP address, 4. the whole ruleset.
+    await asyncio.to_thread(lambda: __import__("subprocess").run(
+        ["ip", "link", "del", names.pub_host], check=True))
+    await asyncio.to_thread(ns_run, names.netns, "nft", "flush", "ruleset")
+    broken = await asyncio.to_thread(ping_through, world.client_ns, body["vip"],
+                                     world.vm_ns(0), 1.0)
+    assert broken == {}, broken
+
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await assert_one_copy(world, agent, body)
+    await traffic(world, body)
+
+    # A stray address and a foreign permanent neighbour in the namespace are removed too.
+    await asyncio.to_thread(ns_run, names.netns, "ip", "addr", "add", "198.51.100.99/24",
+                            "dev", names.pub_ns)
+    await asyncio.to_thread(ns_run, names.netns, "ip", "neigh", "add", "10.77.0.99", "lladdr",
+                            "02:00:00:00:00:99", "dev", names.vm_ns, "nud", "permanent")
+    result = await agent.call(SYNC, {})
+    assert result["success"] and result["repaired"] == [body["eipUuid"]], result
+    await assert_one_copy(world, agent, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_apply_racing_delete_ends_in_the_last_state(eip_agent, world, mn):
+    agent = await eip_agent()
+    body = world.eip(0)
+    eip_uuid = body["eipUuid"]
+    mgr = manager(agent)
+    for rnd in range(20):
+        if rnd % 5 == 4:  # some rounds through the MN callback path
+            send = [lambda: agent.call_async(mn, APPLY, {"eip": body}),
+                    lambda: agent.call_async(mn, DELETE, {"eip": body})]
+        else:
+            send = [lambda: agent.call(APPLY, {"eip": body}),
+                    lambda: agent.call(DELETE, {"eip": body})]
+        if rnd % 2:
+            send.reverse()
+        replies = await asyncio.gather(*(fn() for fn in send))
+        assert all(r["success"] for r in replies), replies
+        ops = [h for h in mgr.history if h["eip"] == eip_uuid]
+        # Serialised: each operation started after the previous one ended.
+        for before, after in zip(ops, ops[1:]):
+            assert after["start"] >= before["end"], (before, after)
+        last = ops[-1]["op"]
+        if last == "apply":
+            await assert_one_copy(world, agent, body)
+            assert mgr.records[eip_uuid]["status"] == "applied"
+        else:
+            await assert_gone(world, agent, body)
+    # Whatever the last round left, an apply then works and a delete leaves nothing.
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_delete_arriving_during_apply_runs_after_it(eip_agent, world, mn):
+    agent = await eip_agent()
+    body = world.eip(0, skipArpCheck=False)  # the ARP probe makes the apply take a while
+    names = _names(world, body)
+    apply_task = asyncio.ensure_future(agent.call_async(mn, APPLY, {"eip": body}))
+    assert await asyncio.to_thread(wait_for, lambda: agent.ctx.locks.locked("eip", names.netns))
+    delete_reply = await agent.call_async(mn, DELETE, {"eip": body})
+    assert (await apply_task)["success"] and delete_reply["success"]
+    ops = [(h["op"], h["ok"]) for h in manager(agent).history]
+    assert ops == [("apply", True), ("delete", True)], ops
+    await assert_gone(world, agent, body)
+
+
+async def test_failed_apply_rolls_back(eip_agent, world):
+    agent = await eip_agent()
+    body = world.eip(0, skipArpCheck=False)
+    # Someone on the public network already holds the VIP: the ARP probe sees it.
+    await asyncio.to_thread(ns_run, world.client_ns, "ip", "addr", "add", f"{body['vip']}/24",
+                            "dev", f"{world.tag}c1")
+    reply = await agent.call(APPLY, {"eip": body})
+    assert not reply["success"] and "already in use" in reply["error"], reply
+    assert body["vip"] in reply["error"] and "skipArpCheck" in reply["error"]
+    await assert_gone(world, agent, body)   # namespace and veths it had made are gone
+
+    await asyncio.to_thread(ns_run, world.client_ns, "ip", "addr", "del", f"{body['vip']}/24",
+                            "dev", f"{world.tag}c1")
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await traffic(world, body)
+    # A re-apply that fails (its VM bridge is gone) leaves the applied EIP as it was.
+    broken = dict(body, vmBridgeName="nosuchbr0")
+    reply = await agent.call(APPLY, {"eip": broken})
+    assert not reply["success"] and "vmBridgeName 'nosuchbr0'" in reply["error"], reply
+    assert manager(agent).records[body["eipUuid"]]["status"] == "applied"
+    assert manager(agent).records[body["eipUuid"]]["spec"]["vm_bridge_name"] == world.vm_br
+    await assert_one_copy(world, agent, body)
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_restarted_agent_knows_repairs_and_deletes(eip_agent, world):
+    first = await eip_agent()
+    body = world.eip(0)
+    names = _names(world, body)
+    assert (await first.call(APPLY, {"eip": body}))["success"]
+    await first.client.close()                      # the agent stops; the EIP stays
+    await traffic(world, body)
+    await asyncio.to_thread(ns_run, names.netns, "ip", "link", "del", names.pub_ns)
+
+    second = await eip_agent()                      # same state dir
+    mgr = manager(second)
+    await asyncio.wait_for(mgr.restored.wait(), 30)
+    assert mgr.applied() == [body["eipUuid"]]
+    restore = [h for h in mgr.history if h["op"] == "restore"]
+    assert restore and restore[-1]["ok"], list(mgr.history)
+    await assert_one_copy(world, second, body)
+    await traffic(world, body)
+    sync = await second.call(SYNC, {})
+    assert sync["success"] and sync["eips"] == [body["eipUuid"]] and sync["repaired"] == []
+    assert (await second.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, second, body)
+
+
+async def test_selffencer_hook_deletes_eips_of_killed_vms(eip_agent, world):
+    agent = await eip_agent()
+    await asyncio.to_thread(world.add_vm, 1)
+    killed = world.eip(0, vm=0)
+    survivor = world.eip(1, vm=1)
+    for body in (killed, survivor):
+        assert (await agent.call(APPLY, {"eip": body}))["success"]
+    errors = await agent.ctx.run_hooks("selffencer.vms_killed", [killed["vmUuid"]])
+    assert errors == []
+    assert killed["eipUuid"] not in manager(agent).records
+    obs = await manager(agent).observe(killed["eipUuid"])
+    assert obs.empty
+    await assert_one_copy(world, agent, survivor)
+    await traffic(world, survivor, vm=1)
+    assert (await agent.call(DELETE, {"eip": survivor}))["success"]
+    await assert_gone(world, agent, survivor)
+
+
+async def test_batch_apply_reports_failed_eips_and_batch_delete(eip_agent, world, mn):
+    agent = await eip_agent(parallel=4)
+    for k in range(1, 4):
+        await asyncio.to_thread(world.add_vm, k)
+    good = [world.eip(i, vm=i) for i in range(12)]  # VMs 4-11 need no namespace: no traffic
+    bad = world.eip(20, vm=20, vmBridgeName="nosuchbr1")
+    reply = await agent.call_async(mn, BATCH_APPLY, {"eips": good[:6] + [bad] + good[6:]})
+    assert reply["success"] is False, reply
+    assert [f["eipUuid"] for f in reply["failedEips"]] == [bad["eipUuid"]], reply
+    assert "1 of 13 EIPs failed" in reply["error"] and "nosuchbr1" in reply["error"]
+    assert manager(agent).applied() == sorted(b["eipUuid"] for b in good)
+    for k, body in enumerate(good[:4]):  # each VIP reaches its own VM
+        await traffic(world, body, vm=k)
+    # Ran in parallel, but never more than `parallel` at once.
+    spans = [(h["began"], h["end"]) for h in manager(agent).history if h["op"] == "apply"]
+    peak = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert 1 < peak <= 4, peak
+
+    reply = await agent.call_async(mn, BATCH_DELETE, {"eips": good + [bad]})
+    assert reply == {"success": True, "error": None, "failedEips": []}, reply
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert manager(agent).records == {}
+
+
+async def test_sync_removes_orphans_only(eip_agent, world, make_agent, tmp_path):
+    agent = await eip_agent()
+    kept = world.eip(0)
+    assert (await agent.call(APPLY, {"eip": kept}))["success"]
+    # An agent that lost its state dir left an EIP namespace behind, and a stray link.
+    lost = await make_agent(plugins=[make_plugin(prefix=world.prefix)],
+                            state_dir=tmp_path / "lost-state")
+    orphan = world.eip(1)
+    assert (await lost.call(APPLY, {"eip": orphan}))["success"]
+    await lost.client.close()
+    stray = _names(world, world.eip(2)).pub_host
+    await asyncio.to_thread(lambda: __import__("subprocess").run(
+        ["ip", "link", "add", stray, "type", "bridge"], check=True))
+    orphan_names = _names(world, orphan)
+
+    reply = await agent.call(SYNC, {})
+    assert reply["success"], reply
+    assert reply["eips"] == [kept["eipUuid"]]
+    assert reply["orphansRemoved"] == sorted(
+        [orphan_names.pub_host, orphan_names.vm_host, f"netns {orphan_names.netns}", stray])
+    left = await asyncio.to_thread(world.leftovers)
+    assert left["netns"] == [_names(world, kept).netns] and left["nft"] == [], left
+    await assert_one_copy(world, agent, kept)
+    await traffic(world, kept)
+    assert (await agent.call(DELETE, {"eip": kept}))["success"]
+    await assert_gone(world, agent, kept)
+
+
+BAD_FIELDS = [
+    ("eipUuid", "not-a-uuid"), ("vmUuid", ""), ("nicUuid", "../../etc"),
+    ("vip", "198.51.100.300"), ("vip", "224.0.0.1"), ("vipGateway", "gateway"),
+    ("vipNetmask", "255.0.255.0"), ("nicNetmask", "255.255.255.255"),
+    ("nicMac", "02:00:00:00:00"), ("nicMac", "01:00:5e:00:00:01"),
+    ("nicIp", "10.77.0.5; rm -rf /"), ("nicGateway", "10.78.0.1"),
+    ("publicBridgeName", "br-with-a-very-long-name"), ("publicBridgeName", "br0\"; drop"),
+    ("vmBridgeName", "../x"), ("vipGateway", "198.51.101.1"), ("nicIp", "10.77.0.255"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_FIELDS)
+async def test_bad_input_is_400_naming_the_field(eip_agent, world, field, value):
+    agent = await eip_agent()
+    body = world.eip(0, **{field: value})
+    for path, payload in ((APPLY, {"eip": body}), (BATCH_APPLY, {"eips": [world.eip(1), body]})):
+        status, reply = await agent.post(path, payload)
+        assert status == 400 and reply["success"] is False, (status, reply)
+        assert field in reply["error"], reply
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert manager(agent).records == {} and agent.ctx.state.names("eips") == []
+
+
+async def test_missing_fields_and_same_bridges_are_400(eip_agent, world):
+    agent = await eip_agent()
+    body = world.eip(0)
+    del body["nicMac"]
+    status, reply = await agent.post(APPLY, {"eip": body})
+    assert status == 400 and "nicMac" in reply["error"], reply
+    status, reply = await agent.post(APPLY, {"eip": world.eip(0, vmBridgeName=world.pub_br)})
+    assert status == 400 and "vmBridgeName" in reply["error"], reply
+    status, reply = await agent.post(APPLY, {})
+    assert status == 400 and "eip" in reply["error"], reply
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": []}, left
+
+
+def test_names_fit_the_kernel_limit():
+    from kvmagent.eip.naming import Names, Patterns
+    for prefix in ("e", "eip", "abcd"):
+        for _ in range(50):
+            names = Names.of(prefix, secrets.token_hex(16))
+            assert all(len(n) <= 15 for n in names.links)
+            patterns = Patterns(prefix)
+            assert patterns.netns_hash(names.netns) == names.hash
+            assert all(patterns.link_hash(n) == names.hash for n in names.links)
+    assert Names.of("eip", "A" * 32) == Names.of("eip", "a" * 32)
+    assert Patterns("eip").link_hash(Names.of("ei", "a" * 32).pub_host) is None
+    with pytest.raises(ValueError):
+        Names.of("toolong", "a" * 32)

@@ -135,6 +135,7 @@ class EipManager:
                                      "start": time.monotonic(), "ok": False}
             try:
                 async with self._sem:
+                    entry["began"] = time.monotonic()   # holds the lock and a work slot
                     yield entry
                 entry["ok"] = True
             except BaseException as exc:
@@ -179,6 +180,7 @@ class EipManager:
         if owner is not None and owner != spec.eip_uuid:
             raise AgentError(f"eipUuid {spec.eip_uuid} maps to the same names ({names.netns}) "
                              f"as EIP {owner}; delete that EIP first")
+        self._check_conflicts(spec)
         previous = self.records.get(spec.eip_uuid)
         was_applied = bool(previous and (previous["status"] == "applied"
                                          or previous.get("wasApplied")))
@@ -200,6 +202,21 @@ class EipManager:
             raise
         self._save(spec, "applied", True)
         return report
+
+    def _check_conflicts(self, spec: EipSpec) -> None:
+        """One EIP per VIP and per NIC address on a VM bridge: two namespaces answering ARP
+        for the same gateway to one NIC would send its replies through the wrong NAT. The
+        check and the record written right after it run without an await in between, so two
+        concurrent applies cannot both pass it."""
+        for other_uuid, record in self.records.items():
+            if other_uuid == spec.eip_uuid:
+                continue
+            other = record["spec"]
+            if other["vip"] == spec.vip:
+                raise AgentError(f"vip {spec.vip} is already used by EIP {other_uuid}")
+            if (other["nic_ip"], other["vm_bridge_name"]) == (spec.nic_ip, spec.vm_bridge_name):
+                raise AgentError(f"nicIp {spec.nic_ip} on {spec.vm_bridge_name} already has "
+                                 f"EIP {other_uuid}; delete it first")
 
     async def _rollback(self, spec: EipSpec, names: Names, report: netlink.ApplyReport,
                         previous: dict[str, Any] | None, was_applied: bool) -> None:
