@@ -34,8 +34,15 @@ from pydantic import Field, field_validator, model_validator
 from kvmagent.context import AgentContext
 from kvmagent.eip.manager import EipManager, EipSettings
 from kvmagent.eip.naming import DEFAULT_PREFIX
-from kvmagent.eip.spec import (EipSpec, check_consistency, check_ifname, check_ipv4, check_mac,
-                               check_netmask, check_uuid)
+from kvmagent.eip.spec import (
+    EipSpec,
+    check_consistency,
+    check_ifname,
+    check_ipv4,
+    check_mac,
+    check_netmask,
+    check_uuid,
+)
 from kvmagent.models import AgentRequest, AgentResponse, WireModel
 from kvmagent.plugin import ASYNC, Plugin
 
@@ -69,7 +76,7 @@ class EipTO(WireModel):
     _bridges = field_validator("public_bridge_name", "vm_bridge_name")(check_ifname)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "EipTO":
+    def _consistent(self) -> EipTO:
         check_consistency(self.to_spec())
         return self
 

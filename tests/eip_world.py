@@ -86,7 +86,7 @@ class World:
         return f"{self.tag}-vm{k}"
 
     # ----- building ---------------------------------------------------------------------
-    def build(self) -> "World":
+    def build(self) -> World:
         with IPRoute() as ipr:
             for br in (self.pub_br, self.vm_br):
                 ipr.link("add", ifname=br, kind="bridge")
@@ -154,7 +154,7 @@ class World:
                             ipr.link("del", index=link["index"])
                         except NetlinkError:
                             pass
-        except Exception as exc:  # pragma: no cover - best effort
+        except (OSError, NetlinkError) as exc:  # pragma: no cover - best effort
             errors.append(exc)
         for name in netns.listnetns():
             if name.startswith(self.tag + "-") or patterns.netns_hash(name):
@@ -303,5 +303,14 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return predicate()
 
 
-__all__ = ["World", "tcp_exchange", "ping_through", "ns_nft_rules", "ns_run", "vip_of",
-           "nic_ip_of", "nic_mac_of", "CLIENT_IP"]
+__all__ = [
+    "CLIENT_IP",
+    "World",
+    "nic_ip_of",
+    "nic_mac_of",
+    "ns_nft_rules",
+    "ns_run",
+    "ping_through",
+    "tcp_exchange",
+    "vip_of",
+]

@@ -2,17 +2,27 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 
 import pytest
-
-from kvmagent.eip import nft as eipnft
-from kvmagent.eip.spec import EipSpec
 from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
-from .eip_world import (CLIENT_IP, World, nic_ip_of, ns_nft_rules, ns_run, ping_through,
-                        root_link_exists, tcp_exchange, vip_of, wait_for)
+from kvmagent.eip import nft as eipnft
+from kvmagent.eip.spec import EipSpec
+
+from .eip_world import (
+    CLIENT_IP,
+    World,
+    ns_nft_rules,
+    ns_run,
+    ping_through,
+    root_link_exists,
+    tcp_exchange,
+    vip_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -198,7 +208,7 @@ async def test_apply_racing_delete_ends_in_the_last_state(eip_agent, world, mn):
         assert all(r["success"] for r in replies), replies
         ops = [h for h in mgr.history if h["eip"] == eip_uuid]
         # Serialised: each operation started after the previous one ended.
-        for before, after in zip(ops, ops[1:]):
+        for before, after in itertools.pairwise(ops):
             assert after["start"] >= before["end"], (before, after)
         last = ops[-1]["op"]
         if last == "apply":
@@ -247,6 +257,16 @@ async def test_failed_apply_rolls_back(eip_agent, world):
     assert not reply["success"] and "vmBridgeName 'nosuchbr0'" in reply["error"], reply
     assert manager(agent).records[body["eipUuid"]]["status"] == "applied"
     assert manager(agent).records[body["eipUuid"]]["spec"]["vm_bridge_name"] == world.vm_br
+    await assert_one_copy(world, agent, body)
+    await traffic(world, body)
+    # A re-apply moving the EIP to a VIP someone holds fails after the ruleset was already
+    # rewritten for it: the rollback converges back to the applied VIP.
+    taken = vip_of(5)
+    await asyncio.to_thread(ns_run, world.client_ns, "ip", "addr", "add", f"{taken}/24",
+                            "dev", f"{world.tag}c1")
+    reply = await agent.call(APPLY, {"eip": dict(body, vip=taken)})
+    assert not reply["success"] and "already in use" in reply["error"], reply
+    assert manager(agent).records[body["eipUuid"]]["spec"]["vip"] == body["vip"]
     await assert_one_copy(world, agent, body)
     await traffic(world, body)
     assert (await agent.call(DELETE, {"eip": body}))["success"]

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AgentError, BlockingTimeout
 from . import netlink, nft
@@ -70,7 +72,7 @@ class BatchFailure:
 
 
 class EipManager:
-    def __init__(self, ctx: "AgentContext", settings: EipSettings | None = None):
+    def __init__(self, ctx: AgentContext, settings: EipSettings | None = None):
         self.ctx = ctx
         self.settings = settings or EipSettings()
         self.patterns = Patterns(self.settings.prefix)
@@ -187,21 +189,24 @@ class EipManager:
         report = netlink.ApplyReport()
         self._save(spec, "applying", was_applied)
         try:
-            await self._blocking(lambda abort: netlink.prepare(spec, names, report),
-                                 f"prepare namespace {names.netns}")
-            await nft.set_sysctls(names, timeout=self.settings.process_timeout)
-            await nft.apply_ruleset(names, nft.build_ruleset(spec, names),
-                                    timeout=self.settings.process_timeout)
-            await self._blocking(
-                lambda abort: netlink.converge_links(spec, names, report, abort=abort,
-                                                     arp_timeout=self.settings.arp_timeout),
-                f"links of {names.netns}")
+            await self._converge(spec, names, report)
         except BaseException as exc:
             log.warning("apply of EIP %s failed (%s); rolling back", spec.eip_uuid, exc)
-            await self._rollback(spec, names, report, previous, was_applied)
+            await self._rollback(spec, names, report, previous if was_applied else None)
             raise
         self._save(spec, "applied", True)
         return report
+
+    async def _converge(self, spec: EipSpec, names: Names, report: netlink.ApplyReport) -> None:
+        await self._blocking(lambda abort: netlink.prepare(spec, names, report),
+                             f"prepare namespace {names.netns}")
+        await nft.set_sysctls(names, timeout=self.settings.process_timeout)
+        await nft.apply_ruleset(names, nft.build_ruleset(spec, names),
+                                timeout=self.settings.process_timeout)
+        await self._blocking(
+            lambda abort: netlink.converge_links(spec, names, report, abort=abort,
+                                                 arp_timeout=self.settings.arp_timeout),
+            f"links of {names.netns}")
 
     def _check_conflicts(self, spec: EipSpec) -> None:
         """One EIP per VIP and per NIC address on a VM bridge: two namespaces answering ARP
@@ -219,20 +224,25 @@ class EipManager:
                                  f"EIP {other_uuid}; delete it first")
 
     async def _rollback(self, spec: EipSpec, names: Names, report: netlink.ApplyReport,
-                        previous: dict[str, Any] | None, was_applied: bool) -> None:
-        def undo(abort: threading.Event) -> None:
-            if not was_applied or report.created_netns:
-                netlink.teardown(names)           # all of it was ours to create
-            elif report.created_pairs:
-                netlink.remove_links(report.created_pairs)
-
+                        previous: dict[str, Any] | None) -> None:
+        """Undo a failed apply. A fresh EIP: remove everything it created, drop the record.
+        A re-apply of an applied EIP: converge back to the previous spec (the pieces this
+        apply created are reused where they fit) and keep the previous record."""
         try:
-            await self._blocking(undo, f"roll back {names.netns}")
-        except Exception:
-            log.exception("rollback of EIP %s failed; its record stays for a later repair",
+            if previous is None:
+                await self._blocking(lambda abort: netlink.teardown(names),
+                                     f"roll back {names.netns}")
+            else:
+                before = dataclasses.replace(EipSpec.from_dict(previous["spec"]),
+                                             skip_arp_check=True)  # the old VIP was ours
+                await self._converge(before, names, netlink.ApplyReport())
+        except BaseException:
+            log.exception("rollback of EIP %s failed; a repair (restart, sync) finishes it",
                           spec.eip_uuid)
-            return
-        if was_applied and previous is not None:
+            if previous is not None:
+                self._restore_record(spec.eip_uuid, previous)
+            return   # a fresh EIP keeps its "applying" record: the next settle removes it
+        if previous is not None:
             self._restore_record(spec.eip_uuid, previous)
         else:
             self._drop(spec.eip_uuid)
@@ -286,33 +296,51 @@ class EipManager:
         return targets
 
     # ----- restore and sync -----------------------------------------------------------------
+    async def _settle(self, eip_uuid: str, op: str) -> str:
+        """Bring one recorded EIP to a final state, deciding under its lock: finish an
+        interrupted delete or a never-applied apply ("removed"), re-converge an applied one
+        ("repaired" when something had to change, else "ok")."""
+        async with self._op(op, eip_uuid):
+            record = self.records.get(eip_uuid)
+            if record is None:
+                return "gone"
+            if record["status"] == "deleting" or (
+                    record["status"] == "applying" and not record.get("wasApplied")):
+                await self._delete_locked(eip_uuid)
+                return "removed"
+            report = await self._apply_locked(EipSpec.from_dict(record["spec"]))
+            return "repaired" if _changed(report) else "ok"
+
+    async def _settle_all(self, op: str) -> tuple[dict[str, list[str]], list[BatchFailure]]:
+        outcome: dict[str, list[str]] = {"repaired": [], "ok": [], "removed": [], "gone": []}
+        failures: list[BatchFailure] = []
+
+        async def one(eip_uuid: str) -> None:
+            try:
+                outcome[await self._settle(eip_uuid, op)].append(eip_uuid)
+            except AgentError as exc:
+                log.error("%s of EIP %s failed: %s", op, eip_uuid, exc)
+                failures.append(BatchFailure(eip_uuid, str(exc) or type(exc).__name__))
+            except Exception as exc:
+                log.exception("%s of EIP %s failed unexpectedly", op, eip_uuid)
+                failures.append(BatchFailure(eip_uuid, f"internal error: {type(exc).__name__}: "
+                                                       f"{exc}"))
+
+        await asyncio.gather(*(one(u) for u in sorted(self.records)))
+        return outcome, failures
+
     async def restore(self) -> dict[str, list[str]]:
         """Start-up: finish interrupted work, repair recorded EIPs. Runs in the background."""
-        outcome: dict[str, list[str]] = {"repaired": [], "ok": [], "removed": [], "failed": []}
         try:
-            async def one(eip_uuid: str, record: dict[str, Any]) -> None:
-                try:
-                    if record["status"] == "deleting" or (
-                            record["status"] == "applying" and not record.get("wasApplied")):
-                        await self.delete(eip_uuid, op="restore-remove")
-                        outcome["removed"].append(eip_uuid)
-                    else:
-                        report = await self.apply(EipSpec.from_dict(record["spec"]), op="restore")
-                        key = "repaired" if _changed(report) else "ok"
-                        outcome[key].append(eip_uuid)
-                except Exception as exc:
-                    log.error("restoring EIP %s failed: %s", eip_uuid, exc)
-                    outcome["failed"].append(eip_uuid)
-
-            await asyncio.gather(*(one(u, r) for u, r in list(self.records.items())))
-            if any(outcome.values()):
-                log.info("EIP restore: %s", {k: len(v) for k, v in outcome.items()})
+            outcome, failures = await self._settle_all("restore")
+            outcome["failed"] = [f.eip_uuid for f in failures]
+            log.info("EIP restore: %s", {k: len(v) for k, v in outcome.items()})
+            return outcome
         finally:
             self.restored.set()
-        return outcome
 
     async def sync(self, *, remove_orphans: bool = True, repair: bool = True) -> dict[str, Any]:
-        """Remove namespaces/links named with our prefix that no record owns; repair the rest."""
+        """Remove namespaces/links named with our prefix that no record owns; settle the rest."""
         spaces, links = await self._blocking(lambda abort: netlink.list_owned(self.patterns),
                                              "list EIP namespaces")
         orphans: dict[str, list[str]] = {}
@@ -322,30 +350,24 @@ class EipManager:
         removed: list[str] = []
         failed: list[BatchFailure] = []
         if remove_orphans:
-            for h, found in sorted(orphans.items()):
+            for h in sorted(orphans):
                 names = Names(self.settings.prefix, h)
                 async with self.ctx.locks.hold(LOCK_KIND, names.netns):
                     if h in self._by_hash:  # an apply claimed it meanwhile
                         continue
                     try:
-                        removed += await self._blocking(lambda abort: netlink.teardown(names),
-                                                        f"remove orphan {names.netns}")
+                        removed += await self._blocking(
+                            lambda abort, names=names: netlink.teardown(names),
+                            f"remove orphan {names.netns}")
                     except AgentError as exc:
                         failed.append(BatchFailure(names.netns, str(exc)))
         repaired: list[str] = []
         if repair:
-            async def one(eip_uuid: str) -> None:
-                spec = self.spec_of(eip_uuid)
-                if spec is None:
-                    return
-                try:
-                    if _changed(await self.apply(spec, op="repair")):
-                        repaired.append(eip_uuid)
-                except AgentError as exc:
-                    failed.append(BatchFailure(eip_uuid, str(exc)))
-            await asyncio.gather(*(one(u) for u in self.applied()))
+            outcome, failures = await self._settle_all("repair")
+            repaired = sorted(outcome["repaired"])
+            failed += failures
         return {"eips": self.applied(), "orphans_removed": sorted(removed),
-                "repaired": sorted(repaired), "failed": failed}
+                "repaired": repaired, "failed": failed}
 
     async def observe(self, eip_uuid: str) -> netlink.Observed:
         names = self.names(eip_uuid)

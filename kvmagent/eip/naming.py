@@ -54,7 +54,7 @@ class Names:
     hash: str
 
     @classmethod
-    def of(cls, prefix: str, eip_uuid: str) -> "Names":
+    def of(cls, prefix: str, eip_uuid: str) -> Names:
         return cls(check_prefix(prefix), eip_hash(eip_uuid))
 
     @property

@@ -166,9 +166,7 @@ class ApplyReport:
     arp_checked: bool = False
 
 
-def _pair_ok(ipr: IPRoute, ns: IPRoute, host_name: str, ns_name: str, nsid: int | None) -> bool:
-    host = _get_link(ipr, host_name)
-    peer = _get_link(ns, ns_name)
+def _pair_ok(host: Any | None, peer: Any | None, nsid: int | None) -> bool:
     if host is None or peer is None or _kind(host) != "veth" or _kind(peer) != "veth":
         return False
     if host.get("link") != peer["index"] or peer.get("link") != host["index"]:
@@ -181,55 +179,67 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
     """Veths, bridge ports, addresses, neighbour and route of an existing EIP namespace.
 
     ``report`` is filled in as objects are created, so a caller whose call failed half-way
-    still knows what to roll back.
+    still knows what to roll back. An EIP that is already right costs about ten netlink
+    requests (pyroute2's per-request cost is Python CPU, so they are counted).
     """
     with IPRoute() as ipr, IPRoute(netns=names.netns, flags=0) as ns:
         bridges = {"p": bridge_index(ipr, spec.public_bridge_name, "publicBridgeName"),
                    "v": bridge_index(ipr, spec.vm_bridge_name, "vmBridgeName")}
         nsid = _nsid(ipr, names.netns)
+        ns_links = {link.get("ifname"): link for link in ns.link("dump")}
         for side in ("p", "v"):
             _check(abort)
             host_name, ns_name = names.link(side + "h"), names.link(side + "n")
-            if not _pair_ok(ipr, ns, host_name, ns_name, nsid):
+            host = _get_link(ipr, host_name)
+            peer = ns_links.get(ns_name)
+            if not _pair_ok(host, peer, nsid):
                 # Half-built or foreign: remove every piece and build the pair again.
-                for owner, name in ((ipr, host_name), (ipr, ns_name), (ns, ns_name), (ns, host_name)):
-                    if _del_link(owner, name):
+                if host is not None and _del_link(ipr, host_name):
+                    report.removed.append(host_name)
+                if _del_link(ipr, ns_name):                    # a peer left in the root ns
+                    report.removed.append(ns_name)
+                for name in (ns_name, host_name):              # gone with its peer, or stray
+                    if name in ns_links and _del_link(ns, name):
                         report.removed.append(name)
                 ipr.link("add", ifname=host_name, kind="veth",
                          address=host_mac(spec.eip_uuid, side + "h"),
                          peer={"ifname": ns_name, "address": mac_for(spec.eip_uuid, side + "n"),
                                "net_ns_fd": names.netns})
                 report.created_pairs.append(host_name)
+                host, peer = _get_link(ipr, host_name), _get_link(ns, ns_name)
+                if host is None or peer is None:
+                    raise AgentError(f"veth {host_name}/{ns_name} vanished right after it was "
+                                     "created; is something else managing these links?")
                 nsid = _nsid(ipr, names.netns)
-            host = _get_link(ipr, host_name)
             if host.get("master") != bridges[side] or not host["flags"] & IFF_UP:
                 ipr.link("set", index=host["index"], master=bridges[side], state="up")
-            peer = _get_link(ns, ns_name)
             want_mac = mac_for(spec.eip_uuid, side + "n")
             if peer.get("address") != want_mac or not peer["flags"] & IFF_UP:
-                ipr_args = {"address": want_mac} if peer.get("address") != want_mac else {}
-                ns.link("set", index=peer["index"], state="up", **ipr_args)
-        lo = _get_link(ns, "lo")
+                extra = {"address": want_mac} if peer.get("address") != want_mac else {}
+                ns.link("set", index=peer["index"], state="up", **extra)
+            ns_links[ns_name] = peer
+        lo = ns_links.get("lo")
         if lo is not None and not lo["flags"] & IFF_UP:
             ns.link("set", index=lo["index"], state="up")
 
-        pn = _get_link(ns, names.pub_ns)["index"]
-        vn = _get_link(ns, names.vm_ns)["index"]
+        pn = ns_links[names.pub_ns]["index"]
+        vn = ns_links[names.vm_ns]["index"]
         want = {pn: (spec.vip, spec.vip_prefixlen), vn: (spec.nic_gateway, spec.nic_prefixlen)}
         have: dict[int, set[tuple[str, int]]] = {pn: set(), vn: set()}
         for addr in ns.addr("dump", family=socket.AF_INET):
             if addr["index"] in have:
                 have[addr["index"]].add((addr.get("address"), addr["prefixlen"]))
+        if want[pn] not in have[pn] and not spec.skip_arp_check:
+            # The VIP is not ours yet: make sure nobody else on the public network holds it
+            # (before anything of the current configuration is taken away).
+            _check(abort)
+            arp_probe(names, spec.vip, ns_mac=mac_for(spec.eip_uuid, "pn"), timeout=arp_timeout)
+            report.arp_checked = True
         _check(abort)
         for index, wanted in want.items():
             for address, plen in have[index] - {wanted}:
                 ns.addr("del", index=index, address=address, prefixlen=plen)
                 report.removed.append(f"{address}/{plen}")
-        if want[pn] not in have[pn] and not spec.skip_arp_check:
-            # The VIP is not ours yet: make sure nobody else on the public network holds it.
-            _check(abort)
-            arp_probe(names, spec.vip, ns_mac=mac_for(spec.eip_uuid, "pn"), timeout=arp_timeout)
-            report.arp_checked = True
         for index, (address, plen) in want.items():
             if (address, plen) not in have[index]:
                 net = ipaddress.IPv4Network(f"{address}/{plen}", strict=False)

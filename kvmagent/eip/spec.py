@@ -76,7 +76,7 @@ def network(ip: str, netmask: str) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(f"{ip}/{netmask}", strict=False)
 
 
-def check_consistency(spec: "EipSpec") -> None:
+def check_consistency(spec: EipSpec) -> None:
     """Cross-field checks; the message names the field that is wrong."""
     pairs = ((spec.vip, spec.vip_netmask, spec.vip_gateway, "vip", "vipGateway"),
              (spec.nic_ip, spec.nic_netmask, spec.nic_gateway, "nicIp", "nicGateway"))
@@ -122,7 +122,7 @@ class EipSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EipSpec":
+    def from_dict(cls, data: dict[str, Any]) -> EipSpec:
         """Re-validate a stored spec (a state file is input too)."""
         spec = cls(
             eip_uuid=check_uuid(data["eip_uuid"]), vm_uuid=check_uuid(data["vm_uuid"]),
