@@ -279,6 +279,35 @@ def ping_through(client_ns: str, vip: str, vm_ns: str, timeout: float = 3.0) -> 
         pinger.close()
 
 
+def arp_ask(ns_name: str, ifname: str, target_ip: str, timeout: float = 1.0) -> str | None:
+    """Send an ARP request for ``target_ip`` from ``ifname`` in ``ns_name`` (with that
+    interface's MAC and first IPv4 address); the MAC that answered, or None."""
+    with IPRoute(netns=ns_name, flags=0) as ns:
+        link = ns.link("get", ifname=ifname)[0]
+        mac = bytes.fromhex(link.get("address").replace(":", ""))
+        addrs = [a.get("address") for a in ns.addr("dump", family=socket.AF_INET,
+                                                   index=link["index"])]
+    sock = ns_socket(ns_name, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    try:
+        sock.bind((ifname, 0x0806))
+        sock.settimeout(timeout)
+        target = socket.inet_aton(target_ip)
+        sock.send(b"\xff" * 6 + mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+                  + mac + socket.inet_aton(addrs[0]) + b"\0" * 6 + target)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(128)
+            except TimeoutError:
+                return None
+            if (len(data) >= 42 and data[12:14] == b"\x08\x06"
+                    and struct.unpack("!H", data[20:22])[0] == 2 and data[28:32] == target):
+                return ":".join(f"{b:02x}" for b in data[22:28])
+        return None
+    finally:
+        sock.close()
+
+
 def ns_nft_rules(ns_name: str) -> list[dict]:
     """The rules of a namespace's ruleset (``nft -j list ruleset`` inside it)."""
     out = _run(["nsenter", f"--net=/run/netns/{ns_name}", "--", "nft", "-j", "list", "ruleset"])

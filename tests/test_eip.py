@@ -10,11 +10,13 @@ from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
+from kvmagent.eip.naming import mac_for
 from kvmagent.eip.spec import EipSpec
 
 from .eip_world import (
     CLIENT_IP,
     World,
+    arp_ask,
     ns_nft_rules,
     ns_run,
     ping_through,
@@ -105,6 +107,8 @@ async def assert_one_copy(world: World, agent, body: dict) -> None:
     assert obs.netns
     assert sorted(obs.root_links) == sorted([names.pub_host, names.vm_host])
     assert obs.root_links[names.pub_host]["master"] is not None
+    assert all(link["up"] for link in obs.root_links.values())
+    assert all(link["up"] for link in obs.ns_links.values())
     assert sorted(obs.ns_links) == sorted(["lo", names.pub_ns, names.vm_ns])
     assert obs.addresses == sorted([
         "lo:127.0.0.1/8", f"{names.pub_ns}:{body['vip']}/24",
@@ -277,8 +281,15 @@ async def test_restarted_agent_knows_repairs_and_deletes(eip_agent, world):
     first = await eip_agent()
     body = world.eip(0)
     names = _names(world, body)
-    assert (await first.call(APPLY, {"eip": body}))["success"]
-    await first.client.close()                      # the agent stops; the EIP stays
+    # Two more EIPs whose records say the agent died in the middle of working on them.
+    died_deleting, died_applying = world.eip(1, vm=1), world.eip(2, vm=2)
+    for other in (body, died_deleting, died_applying):
+        assert (await first.call(APPLY, {"eip": other}))["success"]
+    await first.client.close()                      # the agent stops; the EIPs stay
+    for other, status in ((died_deleting, "deleting"), (died_applying, "applying")):
+        doc = f"eips/{other['eipUuid']}"
+        first.ctx.state.save(doc, dict(first.ctx.state.load(doc), status=status,
+                                       wasApplied=False))
     await traffic(world, body)
     await asyncio.to_thread(ns_run, names.netns, "ip", "link", "del", names.pub_ns)
 
@@ -286,6 +297,9 @@ async def test_restarted_agent_knows_repairs_and_deletes(eip_agent, world):
     mgr = manager(second)
     await asyncio.wait_for(mgr.restored.wait(), 30)
     assert mgr.applied() == [body["eipUuid"]]
+    for other in (died_deleting, died_applying):    # finished: removed, not resurrected
+        assert (await mgr.observe(other["eipUuid"])).empty
+        assert second.ctx.state.load(f"eips/{other['eipUuid']}") is None
     restore = [h for h in mgr.history if h["op"] == "restore"]
     assert restore and restore[-1]["ok"], list(mgr.history)
     await assert_one_copy(world, second, body)
@@ -327,6 +341,18 @@ async def test_batch_apply_reports_failed_eips_and_batch_delete(eip_agent, world
     assert manager(agent).applied() == sorted(b["eipUuid"] for b in good)
     for k, body in enumerate(good[:4]):  # each VIP reaches its own VM
         await traffic(world, body, vm=k)
+    # The event loop stays free while a batch works: the agent answers at once meanwhile.
+    more = [world.eip(30 + i, vm=30 + i) for i in range(8)]
+    batch = asyncio.ensure_future(agent.call(BATCH_APPLY, {"eips": more}))
+    slowest = 0.0
+    while not batch.done():
+        started = asyncio.get_running_loop().time()
+        assert (await agent.call("/host/echo", {}))["success"]
+        slowest = max(slowest, asyncio.get_running_loop().time() - started)
+        await asyncio.sleep(0.01)
+    assert (await batch)["success"]
+    assert slowest < 0.25, slowest
+    good += more
     # Ran in parallel, but never more than `parallel` at once.
     spans = [(h["began"], h["end"]) for h in manager(agent).history if h["op"] == "apply"]
     peak = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
@@ -418,3 +444,66 @@ def test_names_fit_the_kernel_limit():
     assert Patterns("eip").link_hash(Names.of("ei", "a" * 32).pub_host) is None
     with pytest.raises(ValueError):
         Names.of("toolong", "a" * 32)
+
+
+async def test_veths_follow_the_mtu_of_their_bridge(eip_agent, world):
+    agent = await eip_agent()
+    body = world.eip(0)
+    names = _names(world, body)
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    obs = await manager(agent).observe(body["eipUuid"])
+    assert obs.ns_links[names.vm_ns]["mtu"] == obs.root_links[names.vm_host]["mtu"] == 1500
+    await asyncio.to_thread(lambda: __import__("subprocess").run(
+        ["ip", "link", "set", world.vm_br, "mtu", "9000"], check=True))
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    obs = await manager(agent).observe(body["eipUuid"])
+    assert obs.ns_links[names.vm_ns]["mtu"] == obs.root_links[names.vm_host]["mtu"] == 9000
+    assert obs.ns_links[names.pub_ns]["mtu"] == 1500
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_arp_answers_only_the_vm_for_the_gateway_and_only_the_vip(eip_agent, world):
+    agent = await eip_agent()
+    await asyncio.to_thread(world.add_vm, 1)           # a neighbour VM without this EIP
+    body = world.eip(0, vm=0)
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    ns_mac = {role: mac_for(body["eipUuid"], role) for role in ("pn", "vn")}
+    vm0, vm1, client = (world.vm_ns(0), f"{world.tag}m0b"), (world.vm_ns(1), f"{world.tag}m1b"), (
+        world.client_ns, f"{world.tag}c1")
+    ask = asyncio.to_thread
+    assert await ask(arp_ask, *vm0, body["nicGateway"]) == ns_mac["vn"]   # the EIP's VM
+    assert await ask(arp_ask, *vm1, body["nicGateway"]) is None           # any other MAC
+    assert await ask(arp_ask, *client, body["vip"]) == ns_mac["pn"]       # the VIP
+    assert await ask(arp_ask, *client, body["nicGateway"]) is None        # nothing else
+    assert await ask(arp_ask, *client, "198.51.100.99") is None
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_openapi_lists_the_eip_commands(eip_agent, world):
+    agent = await eip_agent()
+    schema = await (await agent.client.get("/openapi.json")).json()
+    for path in (APPLY, DELETE, BATCH_APPLY, BATCH_DELETE, SYNC):
+        assert path in schema["paths"], sorted(schema["paths"])
+
+
+async def test_timed_out_step_is_stopped_before_the_lock_is_released(eip_agent, world):
+    """A blocking step that overruns its timeout is told to stop, and the operation only
+    ends (releasing the EIP's lock) once the thread has really stopped."""
+    import threading
+    import time as _time
+
+    from kvmagent.errors import BlockingTimeout
+    agent = await eip_agent(netlink_timeout=0.2, abort_grace=5)
+    stopped = threading.Event()
+
+    def slow(abort: threading.Event) -> None:
+        while not abort.wait(0.01):
+            pass
+        _time.sleep(0.2)            # finishing the current netlink request
+        stopped.set()
+
+    with pytest.raises(BlockingTimeout):
+        await manager(agent)._blocking(slow, "slow step")
+    assert stopped.is_set()

@@ -100,13 +100,17 @@ def _del_link(ipr: IPRoute, name: str) -> bool:
 
 
 def bridge_index(ipr: IPRoute, name: str, field_name: str) -> int:
+    return bridge_link(ipr, name, field_name)["index"]
+
+
+def bridge_link(ipr: IPRoute, name: str, field_name: str) -> Any:
     link = _get_link(ipr, name)
     if link is None:
         raise AgentError(f"{field_name} {name!r}: no such bridge on this host")
     if _kind(link) != "bridge":
         raise AgentError(f"{field_name} {name!r} is a {_kind(link) or 'plain'} link, "
                          "not a Linux bridge")
-    return link["index"]
+    return link
 
 
 def check_bridges(spec: EipSpec) -> None:
@@ -183,8 +187,8 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
     requests (pyroute2's per-request cost is Python CPU, so they are counted).
     """
     with IPRoute() as ipr, IPRoute(netns=names.netns, flags=0) as ns:
-        bridges = {"p": bridge_index(ipr, spec.public_bridge_name, "publicBridgeName"),
-                   "v": bridge_index(ipr, spec.vm_bridge_name, "vmBridgeName")}
+        bridges = {"p": bridge_link(ipr, spec.public_bridge_name, "publicBridgeName"),
+                   "v": bridge_link(ipr, spec.vm_bridge_name, "vmBridgeName")}
         nsid = _nsid(ipr, names.netns)
         ns_links = {link.get("ifname"): link for link in ns.link("dump")}
         for side in ("p", "v"):
@@ -192,6 +196,8 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
             host_name, ns_name = names.link(side + "h"), names.link(side + "n")
             host = _get_link(ipr, host_name)
             peer = ns_links.get(ns_name)
+            bridge = bridges[side]
+            mtu = bridge.get("mtu")    # the veths follow their bridge (jumbo frames too)
             if not _pair_ok(host, peer, nsid):
                 # Half-built or foreign: remove every piece and build the pair again.
                 if host is not None and _del_link(ipr, host_name):
@@ -201,22 +207,24 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
                 for name in (ns_name, host_name):              # gone with its peer, or stray
                     if name in ns_links and _del_link(ns, name):
                         report.removed.append(name)
-                ipr.link("add", ifname=host_name, kind="veth",
+                ipr.link("add", ifname=host_name, kind="veth", mtu=mtu,
                          address=host_mac(spec.eip_uuid, side + "h"),
                          peer={"ifname": ns_name, "address": mac_for(spec.eip_uuid, side + "n"),
-                               "net_ns_fd": names.netns})
+                               "mtu": mtu, "net_ns_fd": names.netns})
                 report.created_pairs.append(host_name)
                 host, peer = _get_link(ipr, host_name), _get_link(ns, ns_name)
                 if host is None or peer is None:
                     raise AgentError(f"veth {host_name}/{ns_name} vanished right after it was "
                                      "created; is something else managing these links?")
                 nsid = _nsid(ipr, names.netns)
-            if host.get("master") != bridges[side] or not host["flags"] & IFF_UP:
-                ipr.link("set", index=host["index"], master=bridges[side], state="up")
+            if (host.get("master") != bridge["index"] or not host["flags"] & IFF_UP
+                    or host.get("mtu") != mtu):
+                ipr.link("set", index=host["index"], master=bridge["index"], mtu=mtu,
+                         state="up")
             want_mac = mac_for(spec.eip_uuid, side + "n")
-            if peer.get("address") != want_mac or not peer["flags"] & IFF_UP:
-                extra = {"address": want_mac} if peer.get("address") != want_mac else {}
-                ns.link("set", index=peer["index"], state="up", **extra)
+            if (peer.get("address") != want_mac or not peer["flags"] & IFF_UP
+                    or peer.get("mtu") != mtu):
+                ns.link("set", index=peer["index"], state="up", address=want_mac, mtu=mtu)
             ns_links[ns_name] = peer
         lo = ns_links.get("lo")
         if lo is not None and not lo["flags"] & IFF_UP:
@@ -333,7 +341,7 @@ def observe(names: Names) -> Observed:
             if link is not None:
                 root_links[name] = {"index": link["index"], "kind": _kind(link),
                                     "master": link.get("master"), "peer": link.get("link"),
-                                    "up": bool(link["flags"] & IFF_UP)}
+                                    "mtu": link.get("mtu"), "up": bool(link["flags"] & IFF_UP)}
     exists = netns_exists(names.netns)
     if exists:
         with IPRoute(netns=names.netns, flags=0) as ns:
@@ -343,6 +351,7 @@ def observe(names: Names) -> Observed:
                 ns_links[link.get("ifname")] = {"index": link["index"], "kind": _kind(link),
                                                 "peer": link.get("link"),
                                                 "mac": link.get("address"),
+                                                "mtu": link.get("mtu"),
                                                 "up": bool(link["flags"] & IFF_UP)}
             for addr in ns.addr("dump", family=socket.AF_INET):
                 addresses.append(f"{byindex.get(addr['index'])}:{addr.get('address')}/"
