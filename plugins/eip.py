@@ -73,6 +73,7 @@ class EipTO(WireModel):
         lambda v: check_netmask(str(v)) if isinstance(v, (str, int)) and not isinstance(v, bool)
         else v)
     _mac = field_validator("nic_mac")(check_mac)
+    _skip = field_validator("skip_arp_check", mode="before")(lambda v: False if v is None else v)
     _bridges = field_validator("public_bridge_name", "vm_bridge_name")(check_ifname)
 
     @model_validator(mode="after")

@@ -18,9 +18,14 @@ Records (``ctx.state`` documents ``eips/<eipUuid>``)
 Apply
     converge: check bridges -> namespace -> sysctls -> nftables (one transaction) -> veths,
     bridge ports, addresses, neighbour, route. Each step keeps what is right and replaces
-    what is not, so apply is also "repair". A failed apply rolls back what it created: all
-    of it for a fresh EIP (record dropped), the created pieces only for a re-apply (record
-    restored).
+    what is not, so apply is also "repair". A failed apply rolls back: a fresh EIP loses
+    everything it created (record dropped); a re-apply of an applied EIP (new VIP, new NIC)
+    converges back to the previously applied spec and keeps its record.
+
+Timeouts
+    Blocking steps run in ``ctx.runner`` with a timeout. A thread cannot be killed, so on a
+    timeout the step is told to stop (it checks between netlink requests) and the operation
+    waits for it before it ends: the EIP's lock is never released under a running thread.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import AgentError, BlockingTimeout
 from . import netlink, nft
@@ -161,6 +168,8 @@ class EipManager:
         try:
             return await self.ctx.runner.run(work, timeout=self.settings.netlink_timeout,
                                              what=what)
+        except (NetlinkError, OSError) as exc:   # one line a human can act on
+            raise AgentError(f"{what}: {exc}") from exc
         except (BlockingTimeout, asyncio.CancelledError):
             abort.set()
             deadline = time.monotonic() + self.settings.abort_grace

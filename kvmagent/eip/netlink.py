@@ -14,7 +14,8 @@ closes them (an ``IPRoute(netns=...)`` forks a helper only to create its socket)
 
 MACs are deterministic (:func:`naming.mac_for`): the namespace ends keep the MAC the client
 and the VM have cached across a repair; the host ends start with ``fe:`` so a Linux bridge,
-which takes the lowest port MAC as its own, never changes its MAC because of an EIP.
+which takes the lowest port MAC as its own, never changes its MAC because of an EIP. Both
+veths take the MTU of the bridge they join.
 """
 from __future__ import annotations
 
