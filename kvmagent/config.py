@@ -51,6 +51,12 @@ class AgentConfig(BaseModel):
         2.0, ge=0, description="seconds a VM's state must settle before it is reported")
     vm_stop_default_timeout: float = Field(60.0, gt=0)
 
+    # HA.
+    ha_inventory_refresh: float = Field(
+        15.0, gt=0, description="seconds between refreshes of the fencers' VM snapshot")
+    ha_netns: str | None = Field(
+        None, description="network namespace whose links network groups watch (None: host)")
+
     # Capabilities.
     models_root: Path = Path("/opt/kvmagent/models")
     juicefs_binary: str | None = Field(None, description="path to juicefs; default: PATH / venv")

@@ -1,0 +1,1 @@
+"""High availability: storage-heartbeat self-fencing and network-group monitoring."""

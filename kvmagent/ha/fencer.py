@@ -1,0 +1,231 @@
+"""Storage-heartbeat self-fencing: one loop per primary storage.
+
+Every ``interval`` seconds the loop writes this host's heartbeat file on the storage through
+a killable child (:mod:`.probe`) with a hard ``storageCheckerTimeout``. After ``maxAttempts``
+consecutive failures it reports the storage Disconnected, kills the VMs whose disks live on
+it (Permissive: only HA-enabled ones; Force: all), runs the ``selffencer.vms_killed`` hooks
+and reports what it killed. It fences once per outage and keeps probing; the first good
+heartbeat afterwards reports the storage Connected again.
+
+Timing (P = max(interval, storageCheckerTimeout), N = maxAttempts):
+detection after the storage hangs lies between (N-1)*P + timeout and interval + (N-1)*P + timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from ..context import AgentContext
+from .inventory import VmInventory
+from .killer import kill_vm
+from .probe import StorageProbe
+
+log = logging.getLogger(__name__)
+
+STATE_DOC = "ha/selffencers"
+HOOK_VMS_KILLED = "selffencer.vms_killed"
+
+HEALTHY, FAILING, FENCED, STOPPED = "Healthy", "Failing", "Fenced", "Stopped"
+
+
+@dataclass(frozen=True)
+class FencerConfig:
+    ps_uuid: str
+    mount_path: str
+    host_uuid: str
+    interval: float
+    max_attempts: int
+    storage_checker_timeout: float
+    strategy: Literal["Force", "Permissive"]
+
+
+def detection_bounds(cfg: FencerConfig) -> tuple[float, float]:
+    """(best, worst) seconds from a storage hang to the fencing decision."""
+    period = max(cfg.interval, cfg.storage_checker_timeout)
+    best = (cfg.max_attempts - 1) * period + cfg.storage_checker_timeout
+    return best, best + cfg.interval
+
+
+@dataclass
+class FencerStatus:
+    state: str = HEALTHY
+    consecutive_failures: int = 0
+    last_heartbeat_at: float | None = None
+    last_error: str | None = None
+    fenced_vm_uuids: list[str] = field(default_factory=list)
+    fenced_at: float | None = None
+    failing_since: float | None = None
+
+
+class Fencer:
+    def __init__(self, ctx: AgentContext, cfg: FencerConfig, inventory: VmInventory):
+        self.ctx = ctx
+        self.cfg = cfg
+        self.inventory = inventory
+        self.status = FencerStatus()
+        self.probe = StorageProbe()
+        self._task: asyncio.Task | None = None
+        self._fencing: asyncio.Task | None = None
+        self._disconnected_reported = False
+
+    def start(self) -> None:
+        self._task = self.ctx.spawn(self._loop(), name=f"selffencer {self.cfg.ps_uuid}")
+
+    async def stop(self) -> None:
+        if self._fencing is not None and not self._fencing.done():
+            # Never abandon a fence half way: VMs killed but nothing reported.
+            await asyncio.wait([self._fencing], timeout=120)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.status.state = STOPPED
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await self.beat()
+            await asyncio.sleep(max(0.0, self.cfg.interval - (loop.time() - started)))
+
+    async def beat(self) -> None:
+        cfg = self.cfg
+        vm_uuids = [vm.uuid for vm in self.inventory.vms_on(cfg.mount_path)]
+        result = await self.probe.write_heartbeat(cfg.mount_path, cfg.host_uuid, vm_uuids,
+                                                  cfg.storage_checker_timeout)
+        status = self.status
+        if result.ok:
+            recovered = status.state in (FAILING, FENCED) or self._disconnected_reported
+            status.state, status.consecutive_failures = HEALTHY, 0
+            status.last_heartbeat_at, status.last_error, status.failing_since = time.time(), None, None
+            if self._disconnected_reported:
+                self._disconnected_reported = False
+                self.ctx.reporter.report("/kvm/reportstoragestatus", {
+                    "psUuids": [cfg.ps_uuid], "psStatus": "Connected",
+                    "reason": f"heartbeat on {cfg.mount_path} succeeds again"})
+            if recovered:
+                log.warning("selffencer %s: heartbeat on %s recovered", cfg.ps_uuid, cfg.mount_path)
+            return
+        status.consecutive_failures += 1
+        status.last_error = result.error
+        status.failing_since = status.failing_since or time.time()
+        log.warning("selffencer %s: heartbeat %d/%d on %s failed: %s", cfg.ps_uuid,
+                    status.consecutive_failures, cfg.max_attempts, cfg.mount_path, result.error)
+        if status.state == HEALTHY:
+            status.state = FAILING
+        if status.state == FAILING and status.consecutive_failures >= cfg.max_attempts:
+            status.state = FENCED
+            self._fencing = asyncio.get_running_loop().create_task(self.fence(result.error))
+            await asyncio.shield(self._fencing)
+
+    async def fence(self, error: str) -> None:
+        cfg = self.cfg
+        reason = (f"{cfg.max_attempts} consecutive heartbeat failures on {cfg.mount_path}: {error}")
+        self.status.fenced_at = time.time()
+        self._disconnected_reported = True
+        self.ctx.reporter.report("/kvm/reportstoragestatus", {
+            "psUuids": [cfg.ps_uuid], "psStatus": "Disconnected", "reason": reason})
+        records, source = await self.inventory.current()
+        failure_reasons = []
+        if records is None:
+            targets = []
+            failure_reasons.append(f"cannot tell which VMs use the storage: {source}")
+        else:
+            on_storage = self.inventory.vms_on(cfg.mount_path)
+            targets = [vm for vm in on_storage if cfg.strategy == "Force" or vm.enable_ha]
+            spared = sorted(vm.uuid for vm in on_storage if vm not in targets)
+            if spared:
+                log.warning("selffencer %s (Permissive): not killing VMs without HA: %s",
+                            cfg.ps_uuid, ", ".join(spared))
+        results = await asyncio.gather(*(kill_vm(self.ctx, vm.uuid) for vm in targets))
+        killed = sorted(vm.uuid for vm, (stopped, _) in zip(targets, results) if stopped)
+        failure_reasons += [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results)
+                            if not stopped]
+        notes = [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results)
+                 if stopped and note]
+        self.status.fenced_vm_uuids = killed
+        if killed:
+            log.error("selffencer %s: killed VMs %s (%s strategy; inventory from %s)",
+                      cfg.ps_uuid, ", ".join(killed), cfg.strategy, source)
+            failure_reasons += await self.ctx.run_hooks(HOOK_VMS_KILLED, killed)
+        self.ctx.reporter.report("/kvm/reportselffencer", {
+            "psUuids": [cfg.ps_uuid], "vmUuidsString": ",".join(killed),
+            "fencerFailure": bool(failure_reasons),
+            "reason": "; ".join([reason, *failure_reasons, *notes])})
+
+
+class FencerManager:
+    """The fencers of this host: idempotent setup, cancel, persistence and restore."""
+
+    def __init__(self, ctx: AgentContext, inventory_refresh: float = 15.0):
+        self.ctx = ctx
+        self.inventory = VmInventory(ctx)
+        self.inventory_refresh = inventory_refresh
+        self.fencers: dict[str, Fencer] = {}
+        self._lock = asyncio.Lock()
+        self._refresher: asyncio.Task | None = None
+
+    async def restore(self) -> None:
+        configs = [FencerConfig(**doc) for doc in self.ctx.state.load(STATE_DOC, []) or []]
+        if configs:
+            log.info("restoring %d self-fencer(s): %s", len(configs),
+                     ", ".join(c.ps_uuid for c in configs))
+            await self.setup(configs)
+
+    async def setup(self, configs: list[FencerConfig]) -> dict[str, str]:
+        """Start or replace; identical configs leave the running loop alone."""
+        outcome = {}
+        async with self._lock:
+            for cfg in configs:
+                current = self.fencers.get(cfg.ps_uuid)
+                if current is not None and current.cfg == cfg:
+                    outcome[cfg.ps_uuid] = "unchanged"
+                    continue
+                if current is not None:
+                    await current.stop()
+                fencer = Fencer(self.ctx, cfg, self.inventory)
+                self.fencers[cfg.ps_uuid] = fencer
+                fencer.start()
+                outcome[cfg.ps_uuid] = "replaced" if current else "started"
+                best, worst = detection_bounds(cfg)
+                log.info("selffencer %s on %s: %s (%s, interval %gs x %d, timeout %gs: "
+                         "detection in %.0f-%.0fs)", cfg.ps_uuid, cfg.mount_path,
+                         outcome[cfg.ps_uuid], cfg.strategy, cfg.interval, cfg.max_attempts,
+                         cfg.storage_checker_timeout, best, worst)
+            self._persist()
+            self._ensure_refresher()
+        return outcome
+
+    async def cancel(self, ps_uuids: list[str]) -> list[str]:
+        cancelled = []
+        async with self._lock:
+            for ps_uuid in ps_uuids:
+                fencer = self.fencers.pop(ps_uuid, None)
+                if fencer is not None:
+                    await fencer.stop()
+                    cancelled.append(ps_uuid)
+            self._persist()
+        return cancelled
+
+    async def close(self) -> None:
+        for fencer in list(self.fencers.values()):
+            await fencer.stop()
+        if self._refresher:
+            self._refresher.cancel()
+
+    def _persist(self) -> None:
+        self.ctx.state.save(STATE_DOC, [asdict(f.cfg) for f in self.fencers.values()])
+
+    def _ensure_refresher(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = self.ctx.spawn(self._refresh_loop(), name="selffencer inventory")
+
+    async def _refresh_loop(self) -> None:
+        while self.fencers:
+            try:
+                await self.inventory.refresh()
+            except Exception as exc:  # keep the last snapshot; libvirt may be restarting
+                log.warning("selffencer: VM inventory refresh failed: %s", exc)
+            await asyncio.sleep(self.inventory_refresh)

@@ -1,0 +1,112 @@
+"""Killing a VM without depending on a responsive libvirtd.
+
+First ``virDomainDestroy`` with a short timeout; when libvirtd does not answer (or fails), the
+QEMU process is killed directly. Its pid comes from libvirt's pid file, and is only killed when
+the process's command line names that very domain: a stale pid file must never make the agent
+kill an unrelated process.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import libvirt
+import psutil
+
+from ..context import AgentContext
+from ..errors import AgentError
+
+log = logging.getLogger(__name__)
+
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
+
+
+def _destroy(conn: libvirt.virConnect, name: str) -> None:
+    try:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+
+
+def qemu_process(name: str, pid_dir: Path = QEMU_PID_DIR) -> psutil.Process | None:
+    """The QEMU process of domain ``name``, verified by its command line."""
+    candidates = []
+    try:
+        candidates.append(int((pid_dir / f"{name}.pid").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    for pid in candidates:
+        try:
+            proc = psutil.Process(pid)
+            if _names_domain(proc.cmdline(), name):
+                return proc
+        except psutil.Error:
+            continue
+    for proc in psutil.process_iter(["name"]):  # no (valid) pid file: search
+        try:
+            if "qemu" in (proc.info["name"] or "") and _names_domain(proc.cmdline(), name):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def _names_domain(cmdline: list[str], name: str) -> bool:
+    for i, arg in enumerate(cmdline[:-1]):
+        if arg == "-name" and cmdline[i + 1].split(",")[0] in (f"guest={name}", name):
+            return True
+    return False
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
+def exiting(pid: int, proc_root: Path = Path("/proc")) -> bool:
+    """True once the kernel is tearing the process down: it can never run user code again."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return True  # gone
+    fields = stat[stat.rindex(")") + 2:].split()
+    return bool(int(fields[6]) & PF_EXITING) or fields[0] in ("Z", "X")
+
+
+def kill_process(name: str, wait: float) -> tuple[bool, str]:
+    """SIGKILL the QEMU of ``name``. (stopped, note): stopped is True when the process is gone
+    or exiting. A QEMU whose disk is on a hung FUSE/NFS mount cannot finish exiting (closing
+    its files blocks in the kernel) but, once exiting, it runs no guest code."""
+    proc = qemu_process(name)
+    if proc is None:
+        return True, ""  # nothing runs under that name
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(wait)
+    except psutil.NoSuchProcess:
+        return True, ""
+    except psutil.TimeoutExpired:
+        if exiting(proc.pid):
+            return True, (f"qemu pid {proc.pid} was killed and runs no guest code, but cannot "
+                          "finish exiting until the storage answers")
+        return False, f"qemu pid {proc.pid} still running {wait:g}s after SIGKILL"
+    return True, ""
+
+
+async def kill_vm(ctx: AgentContext, name: str, libvirt_timeout: float = 3.0,
+                  kill_wait: float = 3.0) -> tuple[bool, str]:
+    """Make VM ``name`` stop running guest code. (stopped, note)."""
+    try:
+        await ctx.libvirt.call(_destroy, name, timeout=libvirt_timeout, what=f"destroying {name}")
+        return True, ""
+    except (AgentError, libvirt.libvirtError) as exc:
+        log.warning("fencer: libvirt could not destroy %s (%s); killing its qemu process", name, exc)
+    try:
+        return await ctx.runner.run(kill_process, name, kill_wait, timeout=kill_wait + 5,
+                                    what=f"killing qemu of {name}")
+    except (AgentError, OSError) as exc:
+        return False, f"cannot kill qemu of {name}: {exc}"
+
+

@@ -1,0 +1,178 @@
+"""Network-group monitoring from netlink link events (pyroute2), not by polling ``ip``.
+
+A group is Down when the summed weight of its resources that are up (administratively up
+and running, i.e. carrier) is below ``minAvailableCount``; with the default weight of 1 that
+is "fewer than minAvailableCount resources up". Every change of any group's status is
+reported with the HA-enabled VMs that belong to a Down group; after an agent restart the
+full state is reported once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from ..context import AgentContext
+
+log = logging.getLogger(__name__)
+
+STATE_DOC = "ha/networkgroups"
+REPORT_PATH = "/kvm/reportnetworkgroupstatus"
+AVAILABLE, DOWN = "Available", "Down"
+IFF_UP, IFF_RUNNING = 0x1, 0x40
+
+
+@dataclass
+class Group:
+    uuid: str
+    min_available: int
+    resources: dict[str, int]  # ifname -> weight
+
+
+@dataclass
+class Config:
+    groups: dict[str, Group] = field(default_factory=dict)
+    vm_groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_doc(self) -> dict:
+        return {"groups": [asdict(g) for g in self.groups.values()], "vmGroups": self.vm_groups}
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "Config":
+        groups = {g["uuid"]: Group(**g) for g in doc.get("groups", [])}
+        return cls(groups, dict(doc.get("vmGroups", {})))
+
+
+def link_up(flags: int) -> bool:
+    return bool(flags & IFF_UP and flags & IFF_RUNNING)
+
+
+class NetworkGroupMonitor:
+    def __init__(self, ctx: AgentContext, netns: str | None = None):
+        self.ctx = ctx
+        self.netns = netns
+        self.config = Config()
+        self.links: dict[str, bool] = {}
+        self._reported: tuple | None = None
+        self._ipr: AsyncIPRoute | None = None
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._report_lock = asyncio.Lock()
+
+    # -- configuration -----------------------------------------------------------------------
+    async def restore(self) -> None:
+        doc = self.ctx.state.load(STATE_DOC)
+        if doc and doc.get("groups"):
+            self.config = Config.from_doc(doc)
+            await self._ensure_watching()
+            self._report(force=True)  # the MN gets the full picture once after a restart
+
+    async def setup(self, groups: list[Group], vm_groups: dict[str, list[str]]) -> None:
+        async with self._lock:
+            for group in groups:
+                self.config.groups[group.uuid] = group
+            self.config.vm_groups.update(vm_groups)
+            self._persist()
+            await self._ensure_watching()
+            self._report()
+
+    async def cancel(self, uuids: list[str]) -> None:
+        async with self._lock:
+            for uuid in uuids:
+                self.config.groups.pop(uuid, None)
+            self.config.vm_groups = {vm: [g for g in gs if g in self.config.groups]
+                                     for vm, gs in self.config.vm_groups.items()}
+            self.config.vm_groups = {vm: gs for vm, gs in self.config.vm_groups.items() if gs}
+            self._persist()
+            self._report()
+
+    def _persist(self) -> None:
+        self.ctx.state.save(STATE_DOC, self.config.to_doc())
+
+    # -- status -------------------------------------------------------------------------------
+    def statuses(self) -> dict[str, str]:
+        result = {}
+        for group in self.config.groups.values():
+            up = sum(w for name, w in group.resources.items() if self.links.get(name, False))
+            result[group.uuid] = AVAILABLE if up >= group.min_available else DOWN
+        return result
+
+    async def failed_vms(self, statuses: dict[str, str]) -> list[str]:
+        down = {g for g, s in statuses.items() if s == DOWN}
+        if not down:
+            return []
+        members = {vm for vm, groups in self.config.vm_groups.items() if down & set(groups)}
+        vm_service = self.ctx.services.get("vm")
+        try:
+            enabled = await vm_service.ha_enabled_vms() if vm_service else set()
+        except Exception as exc:  # a silent libvirtd must not stop the report
+            log.warning("network groups: HA flags unavailable (%s); listing all member VMs", exc)
+            enabled = members
+        return sorted(members & enabled)
+
+    def _report(self, force: bool = False) -> None:
+        self.ctx.spawn(self._report_now(force), name="networkgroup report")
+
+    async def _report_now(self, force: bool) -> None:
+        async with self._report_lock:  # one at a time, or a slow older one could report last
+            statuses = self.statuses()
+            failed = await self.failed_vms(statuses)
+            key = (tuple(sorted(statuses.items())), tuple(failed))
+            if key == self._reported and not force:
+                return
+            self._reported = key
+        log.warning("network groups changed: %s; failed HA VMs: %s", statuses, failed or "none")
+        self.ctx.reporter.report(REPORT_PATH, {"networkGroupStatus": statuses,
+                                               "failedVmUuids": failed})
+
+    async def status(self) -> tuple[dict[str, str], list[str]]:
+        statuses = self.statuses()
+        return statuses, await self.failed_vms(statuses)
+
+    # -- netlink -------------------------------------------------------------------------------
+    async def _ensure_watching(self) -> None:
+        if self._task is None or self._task.done():
+            self._ready.clear()
+            self._task = self.ctx.spawn(self._watch(), name="networkgroup netlink")
+        await asyncio.wait_for(self._ready.wait(), 10)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self._ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
+                await self._ipr.bind(groups=RTMGRP_LINK)
+                self.links = {link.get("ifname"): link_up(link["flags"])
+                              async for link in await self._ipr.link("dump")}
+                self._ready.set()
+                while True:
+                    async for msg in self._ipr.get():
+                        self._on_message(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("network groups: netlink watch failed (%s); restarting in 1s", exc)
+                await asyncio.sleep(1)
+            finally:
+                if self._ipr is not None:
+                    self._ipr.close()
+                    self._ipr = None
+
+    def _on_message(self, msg) -> None:
+        name = msg.get("ifname")
+        if name is None:
+            return
+        up = msg["event"] != "RTM_DELLINK" and link_up(msg["flags"])
+        if self.links.get(name) == up:
+            return
+        self.links[name] = up
+        if any(name in g.resources for g in self.config.groups.values()):
+            self._report()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,105 @@
+"""Heartbeat I/O on shared storage in a killable child process.
+
+A write to a hung NFS/FUSE mount blocks the writing process, possibly for ever, so it never
+happens in the agent: a tiny Python child (``-I -S``: stdlib only, fast start) does the I/O
+and is killed at the deadline. While a killed child has not exited yet (stuck in the kernel),
+no new one is started for that storage: the attempt fails at once, so a hung mount costs at
+most one stuck process per storage, never one per interval.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+HEARTBEAT_DIR = "zs-heartbeat"
+
+_WRITE = r"""
+import os, sys
+directory, name, data = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+os.makedirs(directory, exist_ok=True)
+tmp = os.path.join(directory, "." + name + ".tmp")
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+try:
+    os.write(fd, data)
+    os.fsync(fd)
+finally:
+    os.close(fd)
+os.replace(tmp, os.path.join(directory, name))
+"""
+
+_READ = r"""
+import sys
+with open(sys.argv[1], "rb") as fh:
+    sys.stdout.buffer.write(fh.read(1 << 20))
+"""
+
+
+def heartbeat_name(host_uuid: str) -> str:
+    return f"heartbeat-file-kvm-host-{host_uuid}.hb"
+
+
+def heartbeat_path(mount_path: str, host_uuid: str) -> str:
+    return os.path.join(mount_path, HEARTBEAT_DIR, heartbeat_name(host_uuid))
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    error: str = ""
+    output: bytes = b""
+    seconds: float = 0.0
+
+
+class StorageProbe:
+    """Runs one I/O child at a time for one storage."""
+
+    def __init__(self) -> None:
+        self._stuck: asyncio.subprocess.Process | None = None
+
+    @property
+    def stuck_pid(self) -> int | None:
+        if self._stuck is not None and self._stuck.returncode is None:
+            return self._stuck.pid
+        return None
+
+    async def write_heartbeat(self, mount_path: str, host_uuid: str, vm_uuids: list[str],
+                              timeout: float) -> ProbeResult:
+        payload = json.dumps({"heartbeat_time": time.time(), "vm_uuids": sorted(vm_uuids)})
+        return await self._run([_WRITE, os.path.join(mount_path, HEARTBEAT_DIR),
+                                heartbeat_name(host_uuid), payload], timeout)
+
+    async def read(self, path: str, timeout: float) -> ProbeResult:
+        return await self._run([_READ, path], timeout)
+
+    async def _run(self, script_and_args: list[str], timeout: float) -> ProbeResult:
+        if self.stuck_pid is not None:
+            return ProbeResult(False, f"the previous I/O (pid {self.stuck_pid}) is still stuck "
+                                      "in the storage")
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", "-c", *script_and_args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._stuck = proc
+            asyncio.ensure_future(proc.wait())  # reap when the kernel lets it go
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return ProbeResult(False, f"storage I/O did not finish within {timeout:g}s",
+                               seconds=time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            return ProbeResult(False, lines[-1] if lines else f"exit {proc.returncode}", seconds=seconds)
+        return ProbeResult(True, output=out, seconds=seconds)
