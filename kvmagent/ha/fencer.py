@@ -7,8 +7,11 @@ it (Permissive: only HA-enabled ones; Force: all), runs the ``selffencer.vms_kil
 and reports what it killed. It fences once per outage and keeps probing; the first good
 heartbeat afterwards reports the storage Connected again.
 
-Timing (P = max(interval, storageCheckerTimeout), N = maxAttempts):
-detection after the storage hangs lies between (N-1)*P + timeout and interval + (N-1)*P + timeout.
+Timing (N = maxAttempts, I = interval, T = storageCheckerTimeout): an attempt takes between
+0 s (an I/O error, or the previous attempt's child still stuck) and T; attempts start every
+max(I, its duration). From the moment the storage hangs, fencing starts after
+    at least (N-1)*I            (the hang begins as an attempt starts; failures are immediate)
+    at most  I + (N-1)*max(I, T) + T   (it begins just after a good beat; every attempt times out)
 """
 from __future__ import annotations
 
@@ -44,9 +47,10 @@ class FencerConfig:
 
 def detection_bounds(cfg: FencerConfig) -> tuple[float, float]:
     """(best, worst) seconds from a storage hang to the fencing decision."""
-    period = max(cfg.interval, cfg.storage_checker_timeout)
-    best = (cfg.max_attempts - 1) * period + cfg.storage_checker_timeout
-    return best, best + cfg.interval
+    attempts, interval, timeout = cfg.max_attempts, cfg.interval, cfg.storage_checker_timeout
+    best = (attempts - 1) * interval
+    worst = interval + (attempts - 1) * max(interval, timeout) + timeout
+    return best, worst
 
 
 @dataclass
