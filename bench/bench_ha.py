@@ -67,15 +67,17 @@ async def measure() -> dict[str, object]:
                 volume.hang()
                 hung_at = time.monotonic()
                 pinger = asyncio.ensure_future(ping_latencies(client, attempts * max(interval, timeout)))
-                await stub.wait_report("/kvm/reportstoragestatus",
-                                       lambda b, ps=ps: b["psUuids"] == [ps] and b["psStatus"] == "Disconnected",
-                                       timeout=120)
+                await stub.wait_report(
+                    "/kvm/reportstoragestatus",
+                    lambda b, ps=ps: b["psUuids"] == [ps] and b["psStatus"] == "Disconnected",
+                    timeout=120)
                 detected = time.monotonic() - hung_at
                 hung_pings += await pinger
                 await client.post("/ha/selffencer/cancel", json={"psUuids": [ps]})
             finally:
                 volume.cleanup()
-            best, worst = detection_bounds(FencerConfig(ps, "", HOST, interval, attempts, timeout, "Permissive"))
+            best, worst = detection_bounds(
+                FencerConfig(ps, "", HOST, interval, attempts, timeout, "Permissive"))
             label = f"interval={interval:g}s attempts={attempts} timeout={timeout:g}s"
             figures[f"detect {label}: measured s"] = detected
             figures[f"detect {label}: documented bound s"] = f"{best:.1f}-{worst:.1f}"

@@ -43,7 +43,7 @@ async def _run(workdir: Path) -> dict[str, object]:
     try:
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
-        raise RuntimeError(f"{IMAGE} missing: run tests/test_vhost.py once to import it")
+        raise RuntimeError(f"{IMAGE} missing: run tests/test_vhost.py once to import it") from None
     name = f"kvmagent-vhost-bench-{uuid.uuid4().hex[:8]}"
     container = client.containers.run(
         IMAGE, ["/bin/sh", "-c", "ln -sf /vhost/vhost.sock /dev/log && exec syslogd -n -O /dev/null"],

@@ -17,7 +17,7 @@ from kvmagent.cli import serve
 from kvmagent.config import AgentConfig
 from kvmagent.logs import setup_logging
 from kvmagent.models import AgentRequest, AgentResponse
-from kvmagent.plugin import ASYNC, Plugin, discover_plugins
+from kvmagent.plugin import ASYNC, Plugin
 
 
 class BlockCmd(AgentRequest):

@@ -46,7 +46,7 @@ class BlockingRunner:
         future = loop.run_in_executor(self._pool(pool), functools.partial(fn, *args, **kwargs))
         try:
             return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             label = what or getattr(fn, "__name__", "blocking call")
             raise BlockingTimeout(f"{label} did not finish within {timeout:g}s") from None
         finally:
@@ -92,7 +92,7 @@ async def run_process(
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+    except (TimeoutError, asyncio.CancelledError) as exc:
         _kill_group(proc.pid)
         # A process in uninterruptible sleep (D state on hung storage) may not die at once:
         # reap it in the background instead of waiting here.

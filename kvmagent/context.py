@@ -38,7 +38,7 @@ class AgentContext:
     _background: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
-    def create(cls, config: AgentConfig) -> "AgentContext":
+    def create(cls, config: AgentConfig) -> AgentContext:
         state = StateStore(config.state_dir)
         metrics = Metrics()
         runner = BlockingRunner({"default": config.executor_workers,

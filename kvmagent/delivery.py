@@ -101,7 +101,7 @@ class Outbox:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     @property
@@ -131,7 +131,7 @@ class Outbox:
             while True:
                 try:
                     msg = await asyncio.wait_for(queue.get(), timeout=60)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if queue.empty():
                         return
                     continue
@@ -190,7 +190,7 @@ class Outbox:
                               mask_text(msg.url), resp.status)
                     return "final"
                 return f"HTTP {resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except ValueError as exc:  # malformed URL
             log.error("%s to %r impossible: %s", msg.kind, mask_text(msg.url), exc)

@@ -335,7 +335,7 @@ async def ensure_hugetlbfs(procfs_root: Path, page_size: str, mount_point: Path,
     """
     size_kb(page_size)
     existing = hugetlbfs_mounts(procfs_root, page_size)
-    target = os.path.normpath(str(mount_point))
+    target = os.path.normpath(str(mount_point))  # noqa: ASYNC240 (string operation, no I/O)
     if target in existing:
         return target
     if existing:

@@ -131,7 +131,7 @@ async def setup_fencers(ctx: AgentContext, cmd: SetupSelfFencerCmd) -> SetupSelf
         raise AgentError(f"hostUuid {cmd.host_uuid} is not this host ({ctx.identity.host_uuid})")
     configs = [FencerConfig(ps, path, cmd.host_uuid, cmd.interval, cmd.max_attempts,
                             cmd.storage_checker_timeout, cmd.strategy)
-               for ps, path in zip(cmd.uuids, cmd.mount_paths)]
+               for ps, path in zip(cmd.uuids, cmd.mount_paths, strict=True)]
     return SetupSelfFencerRsp(outcome=await ctx.services[FENCERS].setup(configs))
 
 

@@ -14,6 +14,7 @@ from kvmagent.plugin import discover_plugins
 from kvmagent.server import CTX, create_app
 
 from .mnstub import MNStub, make_mn_app
+from .vmkit import guest_image, lv, workdir  # noqa: F401  (fixtures shared by the VM-based tests)
 
 
 class AgentClient:

@@ -183,8 +183,8 @@ class World:
         patterns = Patterns(self.prefix)
         spaces = [n for n in netns.listnetns() if patterns.netns_hash(n)]
         with IPRoute() as ipr:
-            links = [l.get("ifname") for l in ipr.link("dump")
-                     if patterns.link_hash(l.get("ifname") or "")]
+            links = [link.get("ifname") for link in ipr.link("dump")
+                     if patterns.link_hash(link.get("ifname") or "")]
         ruleset = _run(["nft", "list", "ruleset"]).stdout.decode()
         rules = [line.strip() for line in ruleset.splitlines()
                  if self.prefix in line or "198.51.100." in line]

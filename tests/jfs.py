@@ -27,7 +27,7 @@ class JuiceFsVolume:
                         f"{self.base}/bucket/", "--trash-days", "0", self.meta, name],
                        check=True, capture_output=True, timeout=60)
 
-    def mount(self) -> "JuiceFsVolume":
+    def mount(self) -> JuiceFsVolume:
         subprocess.run([JUICEFS, *QUIET, "mount", "-d", "--log", str(self.base / "juicefs.log"),
                         "--no-bgjob", self.meta, str(self.mountpoint)],
                        check=True, capture_output=True, timeout=60)

@@ -53,7 +53,7 @@ class MNStub:
                 return found
         try:
             return await asyncio.wait_for(wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(
                 f"MN stub: no {what} within {timeout}s; callbacks={[c.body for c in self.callbacks]} "
                 f"reports={[(r.headers.get('commandpath'), r.body) for r in self.reports]}") from None

@@ -199,7 +199,7 @@ async def test_4xx_from_callback_is_final(tagent, mn):
     assert mn.attempts == 1 and mn.callbacks_for("t-404") == []
 
 
-async def test_restart_sends_failure_for_interrupted_task_and_pending_callbacks(make_agent, mn, runs, tmp_path):
+async def test_restart_sends_failure_for_interrupted_task_and_pending_callbacks(make_agent, mn, runs):
     gate = asyncio.Event()  # never set: the task is still running when the agent stops
     first = await make_agent(plugins=[make_test_plugin(runs, gate)])
     await first.post("/test/async", {"vmInstanceUuid": "cut"},

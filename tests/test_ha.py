@@ -15,7 +15,7 @@ from kvmagent.ha.killer import exiting, qemu_process
 from kvmagent.ha.probe import heartbeat_path
 
 from .jfs import JuiceFsVolume
-from .vmkit import boot_vm, guest_image, lv, workdir  # noqa: F401
+from .vmkit import boot_vm
 
 HOST = "0c3f9a6e5b7d4e2f9a1b2c3d4e5f6a7b"
 FAST = {"interval": 1, "maxAttempts": 3, "storageCheckerTimeout": 1}

@@ -1,7 +1,6 @@
 """VM lifecycle through the agent on real libvirtd with a real tiny guest (TCG)."""
 from __future__ import annotations
 
-import asyncio
 import uuid as uuidlib
 
 import libvirt
@@ -11,7 +10,7 @@ from kvmagent.vm.config import HA_NAMESPACE
 from kvmagent.vm.service import read_ha_flag
 
 from .guest.build import BOOT_MARKER
-from .vmkit import Console, boot_vm, guest_image, lv, start_body, workdir  # noqa: F401
+from .vmkit import boot_vm, start_body
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
@@ -155,7 +154,8 @@ async def test_ha_and_ops_on_missing_vm_give_clear_errors(vm_agent, mn):
     (lambda b: b.update(nics=[{"mac": "52:54:00:12:34:56", "bridgeName": "nosuchbr0"}]), 200,
      "bridge nosuchbr0 does not exist"),
 ])
-async def test_bad_start_requests_change_nothing(vm_agent, lv, guest_image, workdir, mutate, status, fragment):
+async def test_bad_start_requests_change_nothing(vm_agent, lv, guest_image, workdir,
+                                                mutate, status, fragment):
     body = start_body(guest_image, workdir)
     mutate(body)
     got_status, reply = await vm_agent.post("/vm/start", body)
@@ -170,4 +170,5 @@ async def test_symlink_out_of_the_roots_is_refused(vm_agent, lv, guest_image, wo
     link.symlink_to("/etc/shadow")
     body["rootVolume"]["installPath"] = str(link)
     reply = await vm_agent.call("/vm/start", body)
-    assert reply["success"] is False and "resolves to /etc/shadow, outside the allowed roots" in reply["error"]
+    assert reply["success"] is False
+    assert "resolves to /etc/shadow, outside the allowed roots" in reply["error"]

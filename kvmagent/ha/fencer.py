@@ -144,10 +144,10 @@ class Fencer:
                 log.warning("selffencer %s (Permissive): not killing VMs without HA: %s",
                             cfg.ps_uuid, ", ".join(spared))
         results = await asyncio.gather(*(kill_vm(self.ctx, vm.uuid) for vm in targets))
-        killed = sorted(vm.uuid for vm, (stopped, _) in zip(targets, results) if stopped)
-        failure_reasons += [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results)
+        killed = sorted(vm.uuid for vm, (stopped, _) in zip(targets, results, strict=True) if stopped)
+        failure_reasons += [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results, strict=True)
                             if not stopped]
-        notes = [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results)
+        notes = [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results, strict=True)
                  if stopped and note]
         self.status.fenced_vm_uuids = killed
         if killed:

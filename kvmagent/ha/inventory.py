@@ -78,7 +78,7 @@ class VmInventory:
         """(records, source): fresh if libvirtd answers, else the last snapshot (or None)."""
         try:
             return await asyncio.wait_for(self.refresh(), self.refresh_timeout), "libvirt"
-        except (AgentError, libvirt.libvirtError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, AgentError, libvirt.libvirtError) as exc:
             if self.snapshot is None:
                 return None, f"libvirt did not answer ({exc}) and no earlier snapshot exists"
             age = time.time() - (self.taken_at or 0)

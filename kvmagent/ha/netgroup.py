@@ -41,7 +41,7 @@ class Config:
         return {"groups": [asdict(g) for g in self.groups.values()], "vmGroups": self.vm_groups}
 
     @classmethod
-    def from_doc(cls, doc: dict) -> "Config":
+    def from_doc(cls, doc: dict) -> Config:
         groups = {g["uuid"]: Group(**g) for g in doc.get("groups", [])}
         return cls(groups, dict(doc.get("vmGroups", {})))
 
