@@ -198,6 +198,23 @@ async def update_ha(ctx: AgentContext, cmd: UpdateHaCmd) -> UpdateHaRsp:
     return UpdateHaRsp(vm_instance_uuid=cmd.vm_instance_uuid, enable_ha=cmd.enable_ha)
 
 
+class ListHaCmd(AgentRequest):
+    vm_uuids: list[Uuid] | None = Field(None, max_length=100000, description="None: every VM")
+
+
+class ListHaRsp(AgentResponse):
+    enable_ha: dict[str, bool] = Field(default_factory=dict)
+
+
+@plugin.command("/host/vm/enableHa/list", mode=SYNC)
+async def list_ha(ctx: AgentContext, cmd: ListHaCmd) -> ListHaRsp:
+    """Extension: the HA flag of every VM on the host (or the listed ones), from libvirt metadata."""
+    flags = await service(ctx).ha_flags()
+    if cmd.vm_uuids is not None:
+        flags = {u: flags[u] for u in cmd.vm_uuids if u in flags}
+    return ListHaRsp(enable_ha=flags)
+
+
 @plugin.command("/host/vm/reconcileEnableHa/live", mode=ASYNC)
 async def reconcile_ha(ctx: AgentContext, cmd: ReconcileHaCmd) -> ReconcileHaRsp:
     """The listed VMs become HA-enabled, every other VM on the host disabled."""
