@@ -78,6 +78,32 @@ class AgentConfig(BaseModel):
         Path("/dev/hugepages2M"), description="where a pagesize=2M hugetlbfs is mounted when "
         "none is mounted yet (an existing one with that page size is reused)")
 
+    # Model center mounts and virtiofs shares.
+    modelcenter_health_interval: float = Field(
+        10.0, gt=0, description="seconds between health probes of each model-center mount")
+    modelcenter_probe_timeout: float = Field(
+        5.0, gt=0, description="a mount that does not answer statfs within this is hung")
+    modelcenter_remount_after: int = Field(
+        2, ge=1, description="consecutive failed probes before the watcher remounts")
+    modelcenter_auto_remount: bool = Field(
+        True, description="remount dead or hung mounts (kill a stuck juicefs, umount -l, mount)")
+    modelcenter_mount_timeout: float = Field(
+        60.0, gt=0, description="one mount command (juicefs mount -d waits for the volume)")
+    modelcenter_umount_timeout: float = Field(30.0, gt=0, description="one umount command")
+    juicefs_cache_dir: Path | None = Field(
+        None, description="parent of per-mount juicefs cache dirs; None: juicefs' default")
+    juicefs_log_dir: Path | None = Field(
+        None, description="juicefs mount logs (<uuid>.log); None: <state_dir>/juicefs-logs")
+    virtiofs_readonly_root: Path | None = Field(
+        None, description="read-only bind mounts exported by virtiofsd for readonly shares "
+        "(libvirt 9 cannot make virtiofs read-only); None: <state_dir>/virtiofs-ro")
+    virtiofs_detach_timeout: float = Field(
+        30.0, gt=0, description="wait this long for the guest to release a detached share")
+    virtiofs_qga_timeout: int = Field(
+        5, ge=1, le=300, description="seconds for one guest-agent command (in-guest mount)")
+    virtiofs_path_timeout: float = Field(
+        10.0, gt=0, description="resolving or bind-mounting a share's source path")
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:

@@ -50,27 +50,57 @@ class BridgeNic:
 
 @dataclass
 class VirtiofsShare:
-    """A virtiofs filesystem device (shared by the VM and virtiofs plugins)."""
+    """A virtiofs filesystem device (shared by the VM and virtiofs plugins).
+
+    ``cache="auto"`` is virtiofsd's own default and renders no ``<cache>`` element (libvirt
+    9 accepts only none/always there). libvirt before 10.x refuses ``<readonly/>`` for
+    virtiofs: a caller that enforces read-only another way (``export_dir`` being a read-only
+    bind mount of ``source_dir``) sets ``readonly_in_xml=False``.
+    """
 
     source_dir: str
     tag: str
     binary: str = "/usr/lib/qemu/virtiofsd"
     readonly: bool = True
     cache: Literal["none", "auto", "always"] = "auto"
+    export_dir: str | None = None  # the directory virtiofsd exports; default source_dir
+    readonly_in_xml: bool = True
+    alias: str | None = None  # libvirt's device alias, when parsed from a live domain
 
     def element(self) -> ET.Element:
         fs = ET.Element("filesystem", {"type": "mount", "accessmode": "passthrough"})
         sub(fs, "driver", type="virtiofs", queue="1024")
         binary = sub(fs, "binary", path=self.binary)
-        sub(binary, "cache", mode=self.cache)
-        sub(fs, "source", dir=self.source_dir)
+        if self.cache != "auto":
+            sub(binary, "cache", mode=self.cache)
+        sub(fs, "source", dir=self.export_dir or self.source_dir)
         sub(fs, "target", dir=self.tag)
-        if self.readonly:
+        if self.readonly and self.readonly_in_xml:
             sub(fs, "readonly")
         return fs
 
     def to_xml(self) -> str:
         return ET.tostring(self.element(), encoding="unicode")
+
+    @classmethod
+    def from_element(cls, fs: ET.Element) -> VirtiofsShare | None:
+        """The share a ``<filesystem>`` element of a domain describes; None if not virtiofs."""
+        driver = fs.find("driver")
+        if driver is None or driver.get("type") != "virtiofs":
+            return None
+        source, target = fs.find("source"), fs.find("target")
+        if source is None or target is None or not target.get("dir"):
+            return None
+        binary = fs.find("binary")
+        cache = binary.find("cache") if binary is not None else None
+        mode = cache.get("mode") if cache is not None else None
+        alias = fs.find("alias")
+        source_dir = source.get("dir") or source.get("socket") or ""
+        return cls(source_dir=source_dir, tag=target.get("dir"),
+                   binary=(binary.get("path") if binary is not None else None) or "",
+                   readonly=fs.find("readonly") is not None,
+                   cache=mode if mode in ("none", "always") else "auto",
+                   export_dir=source_dir, alias=alias.get("name") if alias is not None else None)
 
 
 @dataclass

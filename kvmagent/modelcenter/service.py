@@ -1,0 +1,339 @@
+"""Model-center mounts: one storage per model center at ``<models_root>/<uuid>``.
+
+Records live under ``modelcenter/<uuid>`` in the state store (atomic JSON, mode 0600: the
+storage URL may carry a password, needed to remount after a restart). The agent restores
+them at start-up in the background, and the watcher (:mod:`.watcher`) probes them and
+remounts a dead or hung one. All work on one mount holds the keyed lock
+``("modelcenter", uuid)``, so a remount never races a mount or an umount of the same mount.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..context import AgentContext
+from ..errors import AgentError, ConflictError
+from . import mounttable
+from .backends import Backend, backend_for
+from .urls import MountOptions, StorageUrl, parse_storage_url
+
+log = logging.getLogger(__name__)
+
+FOLDER = "modelcenter"
+LOCK = "modelcenter"
+SERVICE = "modelcenter"
+
+
+@dataclass
+class Health:
+    healthy: bool | None = None
+    reason: str | None = None
+    checked_at: float | None = None  # time.time()
+    failures: int = 0  # consecutive failed probes (watcher)
+    noticed_at: float | None = None  # time.monotonic() the watcher first saw the problem
+    remounts: int = 0
+    last_remount_at: float | None = None
+    last_problem: str | None = None
+
+
+@dataclass
+class Record:
+    uuid: str
+    storage_url: str
+    options: dict[str, Any]
+    kind: str
+    daemon: dict | None = None  # ids of the FUSE daemon serving the mount (juicefs)
+
+    @classmethod
+    def load(cls, data: dict) -> Record:
+        return cls(data["modelCenterUuid"], data["storageUrl"], data.get("mountOptions") or {},
+                   data["kind"], data.get("daemon"))
+
+    def dump(self, mount_point: Path) -> dict:
+        return {"modelCenterUuid": self.uuid, "storageUrl": self.storage_url,
+                "mountOptions": self.options, "kind": self.kind, "mountPoint": str(mount_point),
+                "daemon": self.daemon}
+
+    @property
+    def url(self) -> StorageUrl:
+        return parse_storage_url(self.storage_url)
+
+    @property
+    def mount_options(self) -> MountOptions:
+        return MountOptions.model_validate(self.options)
+
+
+class ModelCenterService:
+    def __init__(self, ctx: AgentContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.health: dict[str, Health] = {}
+        self._repairing: set[str] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def mount_point(self, uuid: str) -> Path:
+        return Path(self.config.models_root) / uuid
+
+    def lock(self, uuid: str):
+        return self.ctx.locks.hold(LOCK, uuid)
+
+    def busy(self, uuid: str) -> bool:
+        return self.ctx.locks.locked(LOCK, uuid)
+
+    def backend(self, kind: str) -> Backend:
+        return backend_for(kind, self.config, self.ctx.runner)
+
+    def record(self, uuid: str) -> Record | None:
+        data = self.ctx.state.load(f"{FOLDER}/{uuid}")
+        if not data:
+            return None
+        try:
+            return Record.load(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("model center record %s unusable: %s", uuid, exc)
+            return None
+
+    def records(self) -> dict[str, Record]:
+        found = {}
+        for name in self.ctx.state.names(FOLDER):
+            uuid = name.split("/", 1)[1]
+            record = self.record(uuid)
+            if record is not None:
+                found[uuid] = record
+        return found
+
+    def _mount_entry(self, uuid: str) -> mounttable.MountEntry | None:
+        return mounttable.mount_at(self.mount_point(uuid), self.config.procfs_root)
+
+    def _health(self, uuid: str) -> Health:
+        return self.health.setdefault(uuid, Health())
+
+    def _mark(self, uuid: str, reason: str | None) -> Health:
+        health = self._health(uuid)
+        health.healthy, health.reason, health.checked_at = reason is None, reason, time.time()
+        if reason is not None:
+            health.last_problem = reason
+        return health
+
+    async def _mkdir(self, path: Path) -> None:
+        await self.ctx.runner.run(path.mkdir, parents=True, exist_ok=True,
+                                  timeout=self.config.virtiofs_path_timeout, what=f"mkdir {path}")
+
+    async def _rmdir(self, path: Path) -> None:
+        def rmdir() -> None:
+            try:
+                path.rmdir()
+            except OSError as exc:
+                log.debug("keeping %s: %s", path, exc)
+        try:
+            await self.ctx.runner.run(rmdir, timeout=self.config.virtiofs_path_timeout)
+        except AgentError as exc:
+            log.warning("rmdir %s: %s", path, exc)
+
+    # -- health -----------------------------------------------------------------------------
+    async def check(self, uuid: str, record: Record | None = None) -> str | None:
+        """None if the mount of ``uuid`` is up and answers in time; else what is wrong."""
+        record = record or self.record(uuid)
+        entry = self._mount_entry(uuid)
+        if entry is None:
+            return "not mounted"
+        if record is not None and not self.backend(record.kind).fstype_matches(entry):
+            return f"{entry.fstype} is mounted there instead of {record.kind}"
+        return await mounttable.probe(self.mount_point(uuid), self.config.modelcenter_probe_timeout)
+
+    # -- mount ------------------------------------------------------------------------------
+    async def mount(self, uuid: str, storage_url: str, options: MountOptions) -> Path:
+        url = parse_storage_url(storage_url)
+        try:
+            options.check_for(url.kind)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+        wanted = Record(uuid, storage_url, options.given(), url.kind)
+        mount_point = self.mount_point(uuid)
+        backend = self.backend(url.kind)
+        async with self.lock(uuid):
+            current = self.record(uuid)
+            entry = self._mount_entry(uuid)
+            if current is not None and (current.storage_url, current.options) != (
+                    wanted.storage_url, wanted.options) and entry is not None:
+                differs = "storage" if current.storage_url != storage_url else "mount options"
+                raise ConflictError(
+                    f"model center {uuid} is already mounted at {mount_point} with other "
+                    f"{differs} ({current.url.masked}); umount it first")
+            if entry is not None:
+                reason = None if backend.fstype_matches(entry) else \
+                    f"{entry.fstype} is mounted there, not {url.kind}"
+                if reason and current is None:
+                    raise ConflictError(f"{mount_point} already holds a {entry.fstype} mount "
+                                        f"that is not this model center's {url.kind} storage")
+                reason = reason or await mounttable.probe(
+                    mount_point, self.config.modelcenter_probe_timeout)
+                if reason is None:
+                    log.info("model center %s: reusing the healthy mount at %s", uuid, mount_point)
+                    wanted.daemon = await backend.daemon(mount_point) or (
+                        current.daemon if current else None)
+                    self.ctx.state.save(f"{FOLDER}/{uuid}", wanted.dump(mount_point))
+                    self._mark(uuid, None)
+                    return mount_point
+                log.warning("model center %s: existing mount at %s is unusable (%s); "
+                            "mounting again", uuid, mount_point, reason)
+                await backend.recover(mount_point, current.daemon if current else None)
+            await self._mount(uuid, wanted, url)
+            return mount_point
+
+    async def _mount(self, uuid: str, record: Record, url: StorageUrl) -> None:
+        """Mount and record it (caller holds the lock and has cleared the mount point)."""
+        mount_point = self.mount_point(uuid)
+        backend = self.backend(record.kind)
+        await self._mkdir(mount_point)
+        await backend.mount(url, mount_point, record.mount_options, uuid)
+        reason = await mounttable.probe(mount_point, self.config.modelcenter_probe_timeout)
+        daemon = await backend.daemon(mount_point) if reason is None else None
+        if reason is not None:
+            await backend.recover(mount_point)
+            raise AgentError(f"mounted {url.masked} at {mount_point} but it does not answer: "
+                             f"{reason}")
+        record.daemon = daemon
+        self.ctx.state.save(f"{FOLDER}/{uuid}", record.dump(mount_point))
+        health = self._mark(uuid, None)
+        health.failures, health.noticed_at = 0, None
+        log.info("model center %s: %s mounted at %s", uuid, url.masked, mount_point)
+
+    # -- umount -----------------------------------------------------------------------------
+    async def umount(self, uuid: str, force: bool) -> None:
+        from ..virtiofs import list_shares  # the shares of running domains (libvirt XML)
+
+        mount_point = self.mount_point(uuid)
+        async with self.lock(uuid):
+            record = self.record(uuid)
+            entry = self._mount_entry(uuid)
+            if record is None and entry is None:
+                self.health.pop(uuid, None)
+                return
+            try:
+                users = [s for s in await list_shares(self.ctx)
+                         if _inside(s.source_path, mount_point) or _inside(s.export_dir, mount_point)]
+            except AgentError as exc:
+                if not force:
+                    raise AgentError(f"cannot tell whether VMs still share model center {uuid} "
+                                     f"({exc}); retry, or pass force") from None
+                users = []
+            if users and not force:
+                listed = ", ".join(f"VM {s.vm_uuid} tag {s.tag} ({s.source_path})" for s in users)
+                raise ConflictError(f"model center {uuid} is still shared with running VMs: "
+                                    f"{listed}; detach those shares first, or pass force")
+            if users:
+                log.warning("model center %s: force umount while shared with %s", uuid,
+                            ", ".join(f"{s.vm_uuid}/{s.tag}" for s in users))
+            kind = record.kind if record else _kind_of(entry)
+            daemon = record.daemon if record else None
+            backend = self.backend(kind)
+            if entry is not None:
+                reason = await mounttable.probe(mount_point, self.config.modelcenter_probe_timeout)
+                if reason is not None:
+                    log.warning("model center %s: mount is unusable (%s); tearing it down",
+                                uuid, reason)
+                    await backend.recover(mount_point, daemon)
+                else:
+                    await backend.umount(mount_point, force, daemon)
+                for _ in range(8):  # stacked mounts, e.g. from an earlier crash
+                    if self._mount_entry(uuid) is None:
+                        break
+                    await backend.recover(mount_point, daemon)
+                if self._mount_entry(uuid) is not None:
+                    raise AgentError(f"{mount_point} is still mounted after umount")
+            self.ctx.state.delete(f"{FOLDER}/{uuid}")
+            self.health.pop(uuid, None)
+            await self._rmdir(mount_point)
+            log.info("model center %s: unmounted %s", uuid, mount_point)
+
+    # -- list -------------------------------------------------------------------------------
+    async def list(self) -> list[dict[str, Any]]:
+        records = self.records()
+
+        async def one(uuid: str, record: Record) -> dict[str, Any]:
+            # Probing is read-only and bounded, so it is fine while a (re)mount holds the lock.
+            reason = await self.check(uuid, record)
+            if reason is not None and self.busy(uuid):
+                reason = f"{reason} (being mounted or repaired right now)"
+            health = self._mark(uuid, reason)
+            return {"modelCenterUuid": uuid, "mountPoint": str(self.mount_point(uuid)),
+                    "healthy": bool(health.healthy), "reason": health.reason,
+                    "kind": record.kind, "storageUrl": record.url.masked,
+                    "remounts": health.remounts}
+
+        return list(await asyncio.gather(*(one(u, r) for u, r in sorted(records.items()))))
+
+    # -- repair -----------------------------------------------------------------------------
+    async def repair(self, uuid: str, reason: str | None = None) -> bool:
+        """Remount ``uuid`` if it is (still) unhealthy; True if it is healthy afterwards."""
+        async with self.lock(uuid):
+            record = self.record(uuid)
+            if record is None:
+                return False
+            now = await self.check(uuid, record)
+            if now is None:
+                self._mark(uuid, None).failures = 0
+                return True
+            mount_point = self.mount_point(uuid)
+            log.warning("model center %s: remounting %s (%s)", uuid, mount_point, now)
+            backend = self.backend(record.kind)
+            try:
+                await backend.recover(mount_point, record.daemon)
+                await self._mount(uuid, record, record.url)
+            except AgentError as exc:
+                log.error("model center %s: remount failed: %s", uuid, exc)
+                self._mark(uuid, f"{now}; remount failed: {exc}")
+                return False
+            health = self._health(uuid)
+            health.remounts += 1
+            health.last_remount_at = time.monotonic()
+            return True
+
+    def schedule_repair(self, uuid: str, reason: str | None = None) -> None:
+        """One repair at a time per mount, in the background."""
+        if uuid in self._repairing:
+            return
+        self._repairing.add(uuid)
+
+        async def run() -> None:
+            try:
+                await self.repair(uuid, reason)
+            finally:
+                self._repairing.discard(uuid)
+
+        self.ctx.spawn(run(), name=f"modelcenter-repair {uuid}")
+
+    async def restore(self) -> None:
+        """At start-up: bring back every recorded mount that is not up (in parallel)."""
+        records = self.records()
+        if records:
+            log.info("model center: restoring %d mount(s)", len(records))
+        for uuid in records:
+            self.schedule_repair(uuid, "restore at start-up")
+
+
+def _inside(path: str | None, root: Path) -> bool:
+    if not path:
+        return False
+    root_text = str(root).rstrip("/")
+    return path == root_text or path.startswith(root_text + "/")
+
+
+def _kind_of(entry: mounttable.MountEntry | None) -> str:
+    if entry is None:
+        return "file"
+    if entry.fstype == "fuse.juicefs":
+        return "juicefs"
+    if entry.fstype in ("nfs", "nfs4"):
+        return "nfs"
+    return "file"
+
+
+def ensure_models_root(config) -> None:
+    os.makedirs(config.models_root, mode=0o755, exist_ok=True)

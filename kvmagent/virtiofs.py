@@ -1,0 +1,583 @@
+"""Live virtiofs shares of model directories into running VMs.
+
+Attach and detach run under the per-VM lock, live and on the persistent definition. The
+device is a :class:`~kvmagent.vm.config.VirtiofsShare` rendered with ElementTree.
+
+Read-only: libvirt 9 refuses ``<readonly/>`` for virtiofs, and virtiofsd 7.2 has no
+read-only switch, so a read-only share exports a read-only bind mount of the source
+(``<virtiofs_readonly_root>/<vm>/tag-<tag>``): the host kernel refuses every write, whatever
+the guest does. The mapping (tag -> source, exported dir) is kept under ``virtiofs/<vm>`` in
+the state store; bind mounts are removed on detach, and when the domain stops or is undefined.
+
+Detach waits for libvirt's device-removed event (the guest must answer the ACPI unplug); a
+guest that never releases the device gives a clear error after ``virtiofs_detach_timeout``.
+
+If the guest agent answers, the share is also mounted inside the guest (guest-exec of
+``mkdir -p`` and ``mount -t virtiofs``; argument lists, no shell).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import libvirt
+
+from .blocking import run_process
+from .context import AgentContext
+from .errors import AgentError, BlockingTimeout, ConflictError, NotFoundError
+from .modelcenter import mounttable
+from .vm.config import VirtiofsShare
+
+log = logging.getLogger(__name__)
+
+FOLDER = "virtiofs"
+SERVICE = "virtiofs"
+MIN_LIBVIRT = (6, 2, 0)  # virtiofs in libvirt; live attach/detach since 7.9 (checked by libvirt)
+QGA_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def vm_key(uuid: str) -> str:
+    """A domain uuid in one spelling (the MN may send it with or without dashes)."""
+    return uuid.replace("-", "").lower()
+
+
+def libvirt_message(exc: libvirt.libvirtError) -> str:
+    return " ".join((exc.get_error_message() or str(exc)).split())
+
+
+@dataclass
+class Share:
+    vm_uuid: str  # as the MN names it (the domain name for agent-made VMs)
+    tag: str
+    source_path: str  # what was asked for (resolved)
+    export_dir: str  # what virtiofsd exports (a read-only bind mount for readonly shares)
+    readonly: bool
+    cache_mode: str
+    alias: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        return {"vmInstanceUuid": self.vm_uuid, "tag": self.tag, "sourcePath": self.source_path,
+                "readonly": self.readonly, "cacheMode": self.cache_mode,
+                "deviceAlias": self.alias}
+
+
+# -- domain XML helpers --------------------------------------------------------------------
+def shares_in_xml(xml: str) -> list[VirtiofsShare]:
+    root = ET.fromstring(xml)
+    found = []
+    for fs in root.findall("./devices/filesystem"):
+        share = VirtiofsShare.from_element(fs)
+        if share is not None:
+            found.append(share)
+    return found
+
+
+def filesystem_element(xml: str, tag: str) -> ET.Element | None:
+    for fs in ET.fromstring(xml).findall("./devices/filesystem"):
+        share = VirtiofsShare.from_element(fs)
+        if share is not None and share.tag == tag:
+            return fs
+    return None
+
+
+def has_shared_memory(xml: str) -> bool:
+    root = ET.fromstring(xml)
+    access = root.find("./memoryBacking/access")
+    if access is not None and access.get("mode") == "shared":
+        return True
+    cells = root.findall("./cpu/numa/cell")
+    return bool(cells) and all(c.get("memAccess") == "shared" for c in cells)
+
+
+def has_guest_agent_channel(xml: str) -> bool:
+    return any(t.get("name") == QGA_CHANNEL for t in ET.fromstring(xml).findall(
+        "./devices/channel/target"))
+
+
+# -- registry ------------------------------------------------------------------------------
+class ShareRegistry:
+    """tag -> {vmInstanceUuid, sourcePath, exportDir, readonly, cacheMode} per VM."""
+
+    def __init__(self, ctx: AgentContext):
+        self.state = ctx.state
+
+    def _name(self, vm: str) -> str:
+        return f"{FOLDER}/{vm_key(vm)}"
+
+    def load(self, vm: str) -> dict[str, dict]:
+        return self.state.load(self._name(vm), {}) or {}
+
+    def put(self, vm: str, tag: str, entry: dict) -> None:
+        doc = self.load(vm)
+        doc[tag] = entry
+        self.state.save(self._name(vm), doc)
+
+    def drop(self, vm: str, tag: str) -> None:
+        doc = self.load(vm)
+        if doc.pop(tag, None) is not None:
+            if doc:
+                self.state.save(self._name(vm), doc)
+            else:
+                self.state.delete(self._name(vm))
+
+    def all(self) -> dict[str, dict[str, dict]]:
+        out = {}
+        for name in self.state.names(FOLDER):
+            out[name.split("/", 1)[1]] = self.state.load(name, {}) or {}
+        return out
+
+
+async def list_shares(ctx: AgentContext, vm: str | None = None) -> list[Share]:
+    """Virtiofs shares of running domains (all, or ``vm``), from their live XML."""
+    def read(conn: libvirt.virConnect) -> list[tuple[str, str, str]]:
+        if vm is not None:
+            try:
+                doms = [conn.lookupByUUIDString(vm)]
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return []
+                raise
+        else:
+            doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        out = []
+        for dom in doms:
+            try:
+                if dom.isActive():
+                    out.append((dom.name(), dom.UUIDString(), dom.XMLDesc(0)))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return out
+
+    try:
+        domains = await ctx.libvirt.call(read, what="listing virtiofs shares")
+    except libvirt.libvirtError as exc:
+        raise AgentError(f"libvirt: {libvirt_message(exc)}") from None
+    registry = ShareRegistry(ctx).all()
+    shares = []
+    for name, uuid, xml in domains:
+        records = registry.get(vm_key(uuid), {})
+        for fs in shares_in_xml(xml):
+            rec = records.get(fs.tag)
+            if rec and rec.get("exportDir") == fs.source_dir:
+                shares.append(Share(rec.get("vmInstanceUuid") or name, fs.tag, rec["sourcePath"],
+                                    fs.source_dir, bool(rec.get("readonly")),
+                                    rec.get("cacheMode", fs.cache), fs.alias))
+            else:
+                shares.append(Share(name, fs.tag, fs.source_dir, fs.source_dir, fs.readonly,
+                                    fs.cache, fs.alias))
+    return shares
+
+
+# -- guest agent ---------------------------------------------------------------------------
+class GuestAgentError(Exception):
+    pass
+
+
+Send = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass
+class GuestMount:
+    attempted: bool
+    success: bool
+    error: str | None
+
+
+def _unescape_mounts(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
+async def guest_exec(send: Send, path: str, args: list[str], timeout: float) -> tuple[int, str]:
+    """Run ``path args`` in the guest (no shell); (exit code, stdout+stderr)."""
+    started = await send({"execute": "guest-exec", "arguments": {
+        "path": path, "arg": args, "capture-output": True}})
+    pid = started["pid"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await send({"execute": "guest-exec-status", "arguments": {"pid": pid}})
+        if status.get("exited"):
+            out = b"".join(base64.b64decode(status.get(k) or "") for k in ("out-data", "err-data"))
+            code = status.get("exitcode")
+            if code is None:
+                code = 128 + int(status.get("signal") or 0)
+            return code, out.decode(errors="replace").strip()
+        if time.monotonic() > deadline:
+            raise GuestAgentError(f"{path} did not finish in the guest within {timeout:g}s")
+        await asyncio.sleep(0.1)
+
+
+async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
+                      timeout: float) -> GuestMount:
+    """Mount virtiofs ``tag`` at ``mount_path`` inside the guest through its agent."""
+    try:
+        await send({"execute": "guest-ping"})
+    except GuestAgentError as exc:
+        return GuestMount(False, False, f"in-guest mount not attempted: guest agent not "
+                                        f"available ({exc})")
+    try:
+        code, mounts = await guest_exec(send, "cat", ["/proc/mounts"], timeout)
+        if code == 0:
+            for line in mounts.splitlines():
+                fields = line.split()
+                if len(fields) >= 3 and fields[0] == tag and fields[2] == "virtiofs" \
+                        and _unescape_mounts(fields[1]) == mount_path:
+                    return GuestMount(True, True, None)  # already mounted there
+        code, out = await guest_exec(send, "mkdir", ["-p", mount_path], timeout)
+        if code != 0:
+            return GuestMount(True, False, f"mkdir -p {mount_path} in the guest failed: "
+                                           f"{out or f'exit {code}'}")
+        args = ["-t", "virtiofs"] + (["-o", "ro"] if readonly else []) + [tag, mount_path]
+        code, out = await guest_exec(send, "mount", args, timeout)
+        if code != 0:
+            return GuestMount(True, False, f"mount in the guest failed: {out or f'exit {code}'}")
+        return GuestMount(True, True, None)
+    except GuestAgentError as exc:
+        return GuestMount(True, False, f"guest agent: {exc}")
+    except (KeyError, TypeError, ValueError) as exc:
+        return GuestMount(True, False, f"guest agent gave an unexpected answer: {exc}")
+
+
+# -- the service ---------------------------------------------------------------------------
+class VirtiofsService:
+    def __init__(self, ctx: AgentContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.registry = ShareRegistry(ctx)
+        # (domain uuid key, device alias) -> future: True removed, False removal failed
+        self._waiters: dict[tuple[str, str], asyncio.Future] = {}
+
+    async def start(self) -> None:
+        lv = self.ctx.libvirt
+        await lv.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed)
+        await lv.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_failed)
+        await lv.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle)
+        if self.registry.all():
+            self.ctx.spawn(self.reconcile(), name="virtiofs reconcile")
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def vm_lock(self, uuid: str):
+        vm = self.ctx.services.get("vm")
+        return vm.lock(uuid) if vm is not None else self.ctx.locks.hold("vm", uuid)
+
+    async def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        try:
+            return await self.ctx.libvirt.call(fn, *args, timeout=timeout)
+        except libvirt.libvirtError as exc:
+            raise AgentError(f"libvirt: {libvirt_message(exc)}") from None
+
+    def readonly_root(self) -> Path:
+        return Path(self.config.virtiofs_readonly_root or self.config.state_dir / "virtiofs-ro")
+
+    def bind_path(self, vm: str, tag: str) -> Path:
+        # "tag-" keeps tags like "." or ".." ordinary file names.
+        return self.readonly_root() / vm_key(vm) / f"tag-{tag}"
+
+    def virtiofsd(self) -> str | None:
+        binary = str(self.config.virtiofsd_binary)
+        return binary if os.access(binary, os.X_OK) else None
+
+    async def _domain(self, uuid: str) -> tuple[libvirt.virDomain, bool, bool, str, str | None]:
+        """(domain, active, persistent, live XML, inactive XML or None); NotFoundError."""
+        def read(conn: libvirt.virConnect):
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            persistent = bool(dom.isPersistent())
+            inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if persistent else None
+            return dom, bool(dom.isActive()), persistent, dom.XMLDesc(0), inactive
+
+        found = await self.call(read)
+        if found is None:
+            raise NotFoundError(f"VM {uuid} does not exist on this host")
+        return found
+
+    async def _resolve_source(self, source: str) -> str:
+        real, exists, is_dir = await mounttable.resolve_path(source,
+                                                             self.config.virtiofs_path_timeout)
+        root = await self.ctx.runner.run(os.path.realpath, str(self.config.models_root),
+                                         timeout=self.config.virtiofs_path_timeout)
+        if not (real == root or real.startswith(root.rstrip("/") + "/")):
+            raise AgentError(f"sourcePath: {source} resolves to {real}, outside the models "
+                             f"root {root}")
+        if not exists:
+            raise AgentError(f"sourcePath: {source} does not exist")
+        if not is_dir:
+            raise AgentError(f"sourcePath: {source} is not a directory")
+        return real
+
+    async def _bind_readonly(self, vm: str, tag: str, source: str) -> str:
+        bind = self.bind_path(vm, tag)
+        await self.ctx.runner.run(bind.mkdir, parents=True, exist_ok=True, mode=0o755,
+                                  timeout=self.config.virtiofs_path_timeout)
+        while mounttable.mount_at(bind, self.config.procfs_root) is not None:  # stale
+            if not await mounttable.lazy_umount(bind):
+                raise AgentError(f"cannot clear the stale bind mount {bind}")
+        timeout = self.config.virtiofs_path_timeout
+        try:
+            result = await run_process(["mount", "--bind", "-o", "ro", "--", source, str(bind)],
+                                       timeout=timeout)
+        except BlockingTimeout:
+            await mounttable.lazy_umount(bind)
+            raise AgentError(f"read-only bind mount of {source} did not finish within "
+                             f"{timeout:g}s (is the storage hung?)") from None
+        if not result.ok:
+            raise AgentError(f"read-only bind mount of {source} failed: {result.describe()}")
+        entry = mounttable.mount_at(bind, self.config.procfs_root)
+        if entry is None or not entry.readonly:
+            await self._unbind(str(bind))
+            raise AgentError(f"{bind} did not become a read-only bind mount of {source}")
+        return str(bind)
+
+    async def _unbind(self, path: str | None) -> None:
+        if not path or not path.startswith(str(self.readonly_root()) + "/"):
+            return
+        while mounttable.mount_at(path, self.config.procfs_root) is not None:
+            if not await mounttable.lazy_umount(path):
+                log.warning("cannot unmount %s", path)
+                return
+
+        def rmdir() -> None:
+            for p in (Path(path), Path(path).parent):
+                try:
+                    p.rmdir()
+                except OSError:
+                    return
+        try:
+            await self.ctx.runner.run(rmdir, timeout=self.config.virtiofs_path_timeout)
+        except AgentError as exc:
+            log.warning("rmdir %s: %s", path, exc)
+
+    # -- attach -----------------------------------------------------------------------------
+    async def attach(self, vm: str, tag: str, source: str, mount_path: str | None,
+                     readonly: bool, cache: str) -> GuestMount:
+        binary = self.virtiofsd()
+        if binary is None:
+            raise AgentError(f"virtiofsd not found at {self.config.virtiofsd_binary} "
+                             f"(config virtiofsd_binary; Debian package qemu-system-common)")
+        async with self.vm_lock(vm):
+            dom, active, persistent, live, _ = await self._domain(vm)
+            if not active:
+                raise AgentError(f"VM {vm} is not running; virtiofs shares are attached to "
+                                 f"running VMs")
+            if not has_shared_memory(live):
+                raise AgentError(f"VM {vm} has no shared memory backing (start it with "
+                                 f"memoryBacking memfd-shared or hugepages)")
+            real = await self._resolve_source(source)
+            existing = filesystem_element(live, tag)
+            if existing is not None:
+                self._same_or_conflict(vm, tag, VirtiofsShare.from_element(existing), real,
+                                       readonly, cache)
+                log.info("VM %s already shares %s as %s", vm, real, tag)
+            else:
+                await self._attach_new(dom, vm, tag, real, persistent, readonly, cache, binary)
+        if not mount_path:
+            return GuestMount(False, False, "in-guest mount not attempted: no mountPath given")
+        if not has_guest_agent_channel(live):
+            return GuestMount(False, False, "in-guest mount not attempted: the VM has no "
+                                            "guest agent channel")
+        return await guest_mount(self._qga_sender(dom), tag, mount_path, readonly,
+                                 self.config.virtiofs_qga_timeout * 2)
+
+    def _same_or_conflict(self, vm: str, tag: str, share: VirtiofsShare | None, real: str,
+                          readonly: bool, cache: str) -> None:
+        rec = self.registry.load(vm).get(tag)
+        if rec and share is not None and rec.get("exportDir") == share.source_dir:
+            have = (rec["sourcePath"], bool(rec.get("readonly")), rec.get("cacheMode"))
+        else:
+            have = (share.source_dir if share else "?", bool(share and share.readonly),
+                    share.cache if share else "?")
+        if have[0] != real:
+            raise ConflictError(f"VM {vm} already shares tag {tag} from {have[0]}; detach it "
+                                f"before sharing {real} under that tag")
+        if have[1:] != (readonly, cache):
+            raise ConflictError(f"VM {vm} already shares {real} as tag {tag} with readonly="
+                                f"{str(have[1]).lower()} cacheMode={have[2]}; detach it first "
+                                f"to change that")
+
+    async def _attach_new(self, dom: libvirt.virDomain, vm: str, tag: str, real: str,
+                          persistent: bool, readonly: bool, cache: str, binary: str) -> None:
+        export = await self._bind_readonly(vm, tag, real) if readonly else real
+        share = VirtiofsShare(source_dir=real, tag=tag, binary=binary, readonly=readonly,
+                              cache=cache, export_dir=export, readonly_in_xml=False)
+        xml = share.to_xml()
+        self.registry.put(vm, tag, {"vmInstanceUuid": vm, "sourcePath": real,
+                                    "exportDir": export, "readonly": readonly,
+                                    "cacheMode": cache})
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if persistent:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            await self.call(lambda conn: dom.attachDeviceFlags(xml, flags))
+        except BaseException:
+            self.registry.drop(vm, tag)
+            if readonly:
+                await self._unbind(export)
+            raise
+        log.info("VM %s: virtiofs %s attached as tag %s (%s)", vm, real, tag,
+                 "read-only" if readonly else "read-write")
+
+    def _qga_sender(self, dom: libvirt.virDomain) -> Send:
+        import libvirt_qemu
+
+        timeout = self.config.virtiofs_qga_timeout
+
+        async def send(cmd: dict[str, Any]) -> Any:
+            def run(conn: libvirt.virConnect) -> str:
+                return libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), timeout, 0)
+            try:
+                out = await self.ctx.libvirt.call(run, timeout=timeout + 5, what="guest agent")
+            except libvirt.libvirtError as exc:
+                raise GuestAgentError(libvirt_message(exc)) from None
+            except AgentError as exc:
+                raise GuestAgentError(str(exc)) from None
+            try:
+                return json.loads(out).get("return")
+            except (ValueError, AttributeError) as exc:
+                raise GuestAgentError(f"unreadable answer: {exc}") from None
+
+        return send
+
+    # -- detach -----------------------------------------------------------------------------
+    async def detach(self, vm: str, tag: str) -> None:
+        async with self.vm_lock(vm):
+            try:
+                dom, active, persistent, live, inactive = await self._domain(vm)
+            except NotFoundError:
+                await self._forget(vm, tag)
+                return
+            live_fs = filesystem_element(live, tag) if active else None
+            config_fs = filesystem_element(inactive, tag) if inactive else None
+            error = None
+            if live_fs is not None:
+                error = await self._detach_live(dom, vm, tag, live_fs)
+            if config_fs is not None:
+                xml = ET.tostring(config_fs, encoding="unicode")
+                await self.call(lambda conn: dom.detachDeviceFlags(
+                    xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+            if error:
+                raise AgentError(error)
+            await self._forget(vm, tag)
+            if live_fs is not None or config_fs is not None:
+                log.info("VM %s: virtiofs tag %s detached", vm, tag)
+
+    async def _detach_live(self, dom: libvirt.virDomain, vm: str, tag: str,
+                           fs: ET.Element) -> str | None:
+        """Unplug ``fs`` and wait for the guest to release it; an error text, or None."""
+        alias = (fs.find("alias").get("name") if fs.find("alias") is not None else None) or ""
+        key = (vm_key(dom.UUIDString()), alias)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[key] = future
+        timeout = self.config.virtiofs_detach_timeout
+        xml = ET.tostring(fs, encoding="unicode")
+        try:
+            await self.call(lambda conn: dom.detachDeviceFlags(xml,
+                                                               libvirt.VIR_DOMAIN_AFFECT_LIVE))
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    removed = await asyncio.wait_for(asyncio.shield(future),
+                                                     max(0.05, min(1.0, remaining)))
+                    if removed:
+                        return None
+                    return (f"VM {vm}: the guest refused to release virtiofs tag {tag} "
+                            f"(device {alias}); it is still attached")
+                except TimeoutError:
+                    pass
+                # An event lost to a reconnect must not make us wait forever: look.
+                _, active, _, live, _ = await self._domain(vm)
+                if not active or filesystem_element(live, tag) is None:
+                    return None
+                if time.monotonic() >= deadline:
+                    return (f"VM {vm} did not release virtiofs tag {tag} (device {alias}) "
+                            f"within {timeout:g}s: the guest did not answer the unplug request "
+                            f"(is its OS running, with ACPI hot-plug?); the device is still "
+                            f"attached and was removed from the persistent definition")
+        except NotFoundError:
+            return None  # the domain went away: nothing left to release
+        finally:
+            self._waiters.pop(key, None)
+
+    async def _forget(self, vm: str, tag: str) -> None:
+        rec = self.registry.load(vm).get(tag)
+        if rec is not None:
+            await self._unbind(rec.get("exportDir") if rec.get("readonly") else None)
+            self.registry.drop(vm, tag)
+        else:
+            await self._unbind(str(self.bind_path(vm, tag)))
+
+    def _on_removed(self, uuid: str, name: str, args: tuple) -> None:
+        future = self._waiters.get((vm_key(uuid), args[0] if args else ""))
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    def _on_failed(self, uuid: str, name: str, args: tuple) -> None:
+        future = self._waiters.get((vm_key(uuid), args[0] if args else ""))
+        if future is not None and not future.done():
+            future.set_result(False)
+
+    def _on_lifecycle(self, uuid: str, name: str, args: tuple) -> None:
+        event = args[0] if args else None
+        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED) \
+                and self.registry.load(uuid):
+            self.ctx.spawn(self.cleanup_vm(uuid), name=f"virtiofs cleanup {name}")
+
+    # -- cleanup ----------------------------------------------------------------------------
+    async def cleanup_vm(self, uuid: str) -> None:
+        """Drop records and bind mounts no domain uses any more (stopped/undefined VM)."""
+        records = self.registry.load(uuid)
+        if not records:
+            return
+        vm = next(iter(records.values())).get("vmInstanceUuid") or uuid
+        async with self.vm_lock(vm):
+            try:
+                _, active, _, live, inactive = await self._domain(uuid)
+                used = {fs.source_dir for xml in (live if active else None, inactive) if xml
+                        for fs in shares_in_xml(xml)}
+            except NotFoundError:
+                used = set()
+            except AgentError as exc:
+                log.warning("virtiofs cleanup of %s postponed: %s", uuid, exc)
+                return
+            for tag, rec in list(self.registry.load(uuid).items()):
+                if rec.get("exportDir") not in used:
+                    await self._forget(uuid, tag)
+                    log.info("VM %s: dropped virtiofs share %s (no longer in the domain)", vm, tag)
+
+    async def reconcile(self) -> None:
+        for uuid in list(self.registry.all()):
+            await self.cleanup_vm(uuid)
+
+    # -- status -----------------------------------------------------------------------------
+    async def status(self, vm: str | None) -> dict[str, Any]:
+        try:
+            libvirt_version, qemu_version = await self.ctx.libvirt.versions()
+        except (AgentError, libvirt.libvirtError):
+            libvirt_version = qemu_version = None
+        binary = self.virtiofsd()
+        reasons = []
+        if binary is None:
+            reasons.append(f"virtiofsd not found at {self.config.virtiofsd_binary}")
+        if libvirt_version is None:
+            reasons.append("libvirt unavailable")
+        elif tuple(int(x) for x in libvirt_version.split(".")) < MIN_LIBVIRT:
+            reasons.append(f"libvirt {libvirt_version} is older than 6.2.0")
+        shares = await list_shares(self.ctx, vm) if libvirt_version else []
+        return {"supported": not reasons, "reason": "; ".join(reasons) or None,
+                "libvirtVersion": libvirt_version, "qemuVersion": qemu_version,
+                "virtiofsdPath": str(self.config.virtiofsd_binary),
+                "virtiofsdFound": binary is not None,
+                "shares": [s.wire() for s in shares]}

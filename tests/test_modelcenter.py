@@ -1,0 +1,389 @@
+"""Model-center mounts: URL/option parsing, argv construction, and real JuiceFS and bind
+mounts through the agent (restore after restart, hung-mount watcher, credential masking)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+import psutil
+import pytest
+from pydantic import ValidationError
+
+from kvmagent.blocking import BlockingRunner
+from kvmagent.modelcenter import MountOptions, StorageUrlError, mounttable, parse_storage_url
+from kvmagent.modelcenter.backends import FileBackend, JuicefsBackend, NfsBackend, find_mount_nfs
+from kvmagent.modelcenter.urls import juicefs_option_args, nfs_option_string
+
+from .conftest import agent_config
+from .juicefs_kit import alive, daemons, mount_cleanup, signal_all, volume  # noqa: F401
+
+SECRET = "s3cr3t-Pa55"
+
+
+def uid() -> str:
+    return uuidlib.uuid4().hex
+
+
+# -- parsing (no mounts) -------------------------------------------------------------------
+@pytest.mark.parametrize("url, kind, meta, password", [
+    ("juicefs://sqlite3:///var/lib/x.db", "juicefs", "sqlite3:///var/lib/x.db", None),
+    ("zdfs://redis://host:6379/1", "juicefs", "redis://host:6379/1", None),
+    (f"zdfs://redis://:{SECRET}@host:6379/1", "juicefs", "redis://host:6379/1", SECRET),
+    (f"juicefs://mysql://user:{SECRET}@(db:3306)/jfs", "juicefs", "mysql://user@(db:3306)/jfs",
+     SECRET),
+    ("juicefs://redis://:p%40ss@h/2", "juicefs", "redis://h/2", "p@ss"),
+    ("nfs://filer.example.com/export/models", "nfs", None, None),
+    ("file:///srv/models", "file", None, None),
+])
+def test_storage_urls_that_parse(url, kind, meta, password):
+    parsed = parse_storage_url(url)
+    assert parsed.kind == kind
+    assert parsed.meta_url == meta and parsed.meta_password == password
+    assert SECRET not in parsed.masked and SECRET not in repr(parsed)
+
+
+@pytest.mark.parametrize("url", [
+    "", "s3://bucket/x", "juicefs://", "juicefs://-o=allow_other", "juicefs://--help",
+    "juicefs://redis://h/1 --writeback", "juicefs://redis://h/1\n", "juicefs://ftp://h/1",
+    "juicefs://sqlite3://relative.db", "juicefs://sqlite3:///a/../b.db", "juicefs://redis://-x",
+    f"juicefs://nope://u:{SECRET}@h", "nfs://host", "nfs://-o/export", "nfs://host/a/../b",
+    "nfs://u:p@host/x", "nfs://host:99999/x", "nfs://host/ex port", "file://relative/dir",
+    "file:///a/../etc", "file:///", "FILE:///x/./y",
+])
+def test_storage_urls_refused_without_echoing_them(url):
+    with pytest.raises(StorageUrlError) as err:
+        parse_storage_url(url)
+    assert SECRET not in str(err.value)
+
+
+def test_nfs_urls_keep_host_port_and_ipv6():
+    url = parse_storage_url("nfs://[fd00::5]:2049/vol/models")
+    assert (url.host, url.port, url.export, url.nfs_source) == (
+        "fd00::5", 2049, "/vol/models", "[fd00::5]:/vol/models")
+
+
+def test_mount_options_accept_objects_and_lists_of_known_names_only():
+    a = MountOptions.model_validate({"cacheSize": 1024, "read-only": True, "attr_cache": 2})
+    b = MountOptions.model_validate(["--cache-size=1024", "--read-only", "attrCache=2"])
+    assert a.given() == b.given() == {"cache_size": 1024, "read_only": True, "attr_cache": 2.0}
+    assert juicefs_option_args(a) == ["--read-only", "--cache-size", "1024", "--attr-cache", "2s"]
+    for bad in ({"cacheDir": "/etc"}, ["-o allow_other"], ["--foo=1"], {"subdir": "../x"},
+                {"subdir": "-x"}, {"cacheSize": -1}, {"vers": "5"}, ["--cache-size=1;rm"]):
+        with pytest.raises(ValidationError):
+            MountOptions.model_validate(bad)
+    with pytest.raises(ValueError, match="cacheSize do not apply to nfs"):
+        MountOptions(cache_size=1).check_for("nfs")
+    nfs = MountOptions.model_validate({"vers": "4.1", "readOnly": True, "nconnect": 4})
+    assert nfs_option_string(nfs, 2049) == "ro,vers=4.1,nconnect=4,port=2049"
+
+
+def test_juicefs_argv_has_no_password_and_options_come_before_positionals(tmp_path):
+    config = agent_config(tmp_path, juicefs_cache_dir=tmp_path / "cache")
+    backend = JuicefsBackend(config, BlockingRunner({"default": 2}))
+    url = parse_storage_url(f"zdfs://redis://admin:{SECRET}@10.0.0.1:6379/1")
+    point = tmp_path / "models" / "mc"
+    argv, env = backend.mount_argv(url, point, MountOptions(cache_size=10, writeback=True), "mc")
+    assert SECRET not in " ".join(argv) and env == {"META_PASSWORD": SECRET}
+    assert argv[-2:] == ["redis://admin@10.0.0.1:6379/1", str(point)]
+    for flag in ("--no-agent", "--no-usage-report", "--no-syslog", "-d", "--log",
+                 "--cache-size", "--writeback"):
+        assert flag in argv[:-2]
+    assert argv[argv.index("--cache-dir") + 1] == str(tmp_path / "cache" / "mc")
+
+
+def test_nfs_and_bind_argv(tmp_path):
+    config = agent_config(tmp_path)
+    runner = BlockingRunner({"default": 2})
+    url = parse_storage_url("nfs://filer:2049/export/models")
+    argv = NfsBackend(config, runner).mount_argv(url, Path("/m/x"),
+                                                 MountOptions(read_only=True, vers="4.2"))
+    assert argv == ["mount", "-t", "nfs", "-o", "ro,vers=4.2,port=2049", "filer:/export/models",
+                    "/m/x"]
+    argv = FileBackend(config, runner).mount_argv("/srv/m", Path("/m/y"), MountOptions(read_only=True))
+    assert argv == ["mount", "--bind", "-o", "ro", "--", "/srv/m", "/m/y"]
+
+
+# -- through the agent ---------------------------------------------------------------------
+async def test_bad_mount_requests_are_400_and_never_echo_the_url(make_agent):
+    agent = await make_agent(plugins=_plugins())
+    status, reply = await agent.post("/modelcenter/mount", {
+        "modelCenterUuid": uid(), "storageUrl": f"juicefs://bogus://u:{SECRET}@h/1"})
+    assert status == 400 and "storageUrl" in reply["error"] and SECRET not in reply["error"]
+    status, reply = await agent.post("/modelcenter/mount", {
+        "modelCenterUuid": uid(), "storageUrl": "juicefs://sqlite3:///x.db",
+        "mountOptions": {"cacheDir": "/etc"}})
+    assert status == 400 and "mountOptions.cacheDir" in reply["error"]
+    status, reply = await agent.post("/modelcenter/mount", {
+        "modelCenterUuid": "../../etc", "storageUrl": "file:///srv"})
+    assert status == 400 and "modelCenterUuid" in reply["error"]
+    reply = await agent.call("/modelcenter/mount", {
+        "modelCenterUuid": uid(), "storageUrl": "nfs://filer/export",
+        "mountOptions": {"cacheSize": 5}})
+    assert reply == {"success": False, "error": "mountOptions cacheSize do not apply to nfs "
+                                                "storage"}
+
+
+@pytest.mark.skipif(find_mount_nfs() is not None, reason="mount.nfs is installed here")
+async def test_nfs_without_mount_nfs_is_a_clear_error(make_agent, mn):
+    agent = await make_agent(plugins=_plugins())
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": "nfs://filer.example.com/export/models"})
+    assert reply["success"] is False
+    assert "mount.nfs is not installed" in reply["error"] and "nfs-common" in reply["error"]
+    assert (await agent.call("/modelcenter/list"))["mounts"] == []
+
+
+async def test_file_url_is_a_bind_mount_read_only_on_request(make_agent, mn, tmp_path,
+                                                             mount_cleanup):  # noqa: F811
+    agent = await make_agent(plugins=_plugins())
+    src = tmp_path / "local-models"
+    (src / "m1").mkdir(parents=True)
+    (src / "m1" / "weights.bin").write_text("w")
+    mc = uid()
+    body = {"modelCenterUuid": mc, "storageUrl": f"file://{src}",
+            "mountOptions": {"readOnly": True}}
+    reply = await agent.call_async(mn, "/modelcenter/mount", body)
+    point = Path(agent.config.models_root) / mc
+    assert reply == {"success": True, "error": None, "mountPoint": str(point)}
+    assert (point / "m1" / "weights.bin").read_text() == "w"
+    entry = mounttable.mount_at(point)
+    assert entry is not None and entry.readonly
+    with pytest.raises(OSError):
+        (point / "new").write_text("x")
+    assert (await agent.call_async(mn, "/modelcenter/mount", body))["success"]
+    assert mounttable.mounts_at(point) == 1, "a second mount must reuse the first"
+    # The models root cannot be bind-mounted into itself.
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": uid(), "storageUrl": f"file://{point}"})
+    assert reply["success"] is False and "overlaps the models root" in reply["error"]
+    assert (await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}))["success"]
+    assert mounttable.mount_at(point) is None and not point.exists()
+    assert (src / "m1" / "weights.bin").exists()
+
+
+def _plugins():
+    from kvmagent.plugin import discover_plugins
+
+    return discover_plugins(["host", "modelcenter", "virtiofs"])
+
+
+@pytest.mark.juicefs
+async def test_juicefs_mount_list_reuse_conflict_umount(make_agent, mn, tmp_path, mount_cleanup,  # noqa: F811
+                                                        volume):  # noqa: F811
+    agent = await make_agent(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache")
+    mc = uid()
+    body = {"modelCenterUuid": mc, "storageUrl": volume.storage_url,
+            "mountOptions": ["--attr-cache=1"]}
+    reply = await agent.call_async(mn, "/modelcenter/mount", body, timeout=90)
+    point = Path(agent.config.models_root) / mc
+    assert reply == {"success": True, "error": None, "mountPoint": str(point)}
+    entry = mounttable.mount_at(point)
+    assert entry.fstype == "fuse.juicefs"
+    (point / "llama").mkdir()
+    (point / "llama" / "config.json").write_text('{"layers": 32}\n')
+    pids = sorted(p.pid for p in daemons(point))
+    assert pids, "juicefs runs detached"
+    assert (agent.config.state_dir / "juicefs-logs" / f"{mc}.log").exists()
+
+    listed = await agent.call("/modelcenter/list")
+    assert listed["mounts"] == [{
+        "modelCenterUuid": mc, "mountPoint": str(point), "healthy": True, "reason": None,
+        "kind": "juicefs", "storageUrl": volume.storage_url, "remounts": 0}]
+
+    again = await agent.call_async(mn, "/modelcenter/mount", body, timeout=90)
+    assert again == reply
+    assert mounttable.mounts_at(point) == 1 and sorted(p.pid for p in daemons(point)) == pids
+
+    other = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": "juicefs://sqlite3:///elsewhere.db"})
+    assert other["success"] is False and "already mounted" in other["error"]
+
+    reply = await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}, timeout=60)
+    assert reply == {"success": True, "error": None}
+    assert mounttable.mount_at(point) is None and not point.exists()
+    await asyncio.sleep(0.5)
+    assert not any(alive(pid) for pid in pids), "juicefs exited"
+    assert (await agent.call("/modelcenter/list"))["mounts"] == []
+    assert (await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}))["success"]
+
+    # Mount again: the data written before is still in the volume.
+    assert (await agent.call_async(mn, "/modelcenter/mount", body, timeout=90))["success"]
+    assert (point / "llama" / "config.json").read_text() == '{"layers": 32}\n'
+
+
+@pytest.mark.juicefs
+async def test_credentials_never_reach_logs_replies_or_argv(make_agent, mn, tmp_path, caplog,
+                                                           mount_cleanup):  # noqa: F811
+    agent = await make_agent(plugins=_plugins(), modelcenter_mount_timeout=4)
+    caplog.set_level(logging.DEBUG)
+    mc = uid()
+    point = Path(agent.config.models_root) / mc
+    seen_argv: list[list[str]] = []
+
+    log = agent.config.state_dir / "juicefs-logs" / f"{mc}.log"
+
+    async def spy() -> None:
+        while True:
+            seen_argv.extend(p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
+                             if str(log) in " ".join(p.info["cmdline"] or []))
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(spy())
+    try:
+        reply = await agent.call_async(mn, "/modelcenter/mount", {
+            "modelCenterUuid": mc, "storageUrl": f"zdfs://redis://admin:{SECRET}@127.0.0.1:1/1"},
+            timeout=60)
+    finally:
+        watcher.cancel()
+    assert reply["success"] is False, reply
+    assert "did not finish within 4s" in reply["error"]
+    assert "redis://admin:***@127.0.0.1:1/1" in reply["error"]
+    assert SECRET not in str(reply) and SECRET not in caplog.text
+    assert seen_argv and not any(SECRET in " ".join(a) for a in seen_argv)
+    await asyncio.sleep(0.5)
+    assert not mounttable.fuse_daemons(point, needles=(f"--log {log}",)), \
+        "a timed-out mount leaves no juicefs behind"
+    assert agent.ctx.state.names("modelcenter") == []
+
+
+@pytest.mark.juicefs
+async def test_mounts_come_back_after_an_agent_restart(make_agent, mn, tmp_path, mount_cleanup,  # noqa: F811
+                                                       volume):  # noqa: F811
+    opts = dict(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache",
+                modelcenter_health_interval=0.5, modelcenter_probe_timeout=3)
+    first = await make_agent(**opts)
+    mc = uid()
+    reply = await first.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    point = Path(reply["mountPoint"])
+    (point / "model.txt").write_text("v1\n")
+    pids = sorted(p.pid for p in daemons(point))
+    await first.client.close()
+    assert mounttable.mount_at(point) is not None, "the mount outlives the agent"
+
+    second = await make_agent(**opts)
+    listed = await second.call("/modelcenter/list")
+    assert [(m["modelCenterUuid"], m["healthy"]) for m in listed["mounts"]] == [(mc, True)]
+    await asyncio.sleep(1.5)  # restore and a watcher round ran: nothing to do
+    assert sorted(p.pid for p in daemons(point)) == pids and mounttable.mounts_at(point) == 1
+    await second.client.close()
+
+    # Unmounted while no agent ran: the next start mounts it again, in the background.
+    subprocess.run([str(Path(os.sys.executable).with_name("juicefs")), "umount", str(point)],
+                   check=True, capture_output=True, timeout=30)
+    assert mounttable.mount_at(point) is None
+    started = time.monotonic()
+    third = await make_agent(**opts)
+    ping_after = time.monotonic() - started
+    assert (await third.call("/host/ping"))["success"]
+    deadline = time.monotonic() + 60
+    while mounttable.mount_at(point) is None:
+        assert time.monotonic() < deadline, "mount not restored"
+        await asyncio.sleep(0.2)
+    assert (point / "model.txt").read_text() == "v1\n"
+    listed = await third.call("/modelcenter/list")
+    assert listed["mounts"][0]["healthy"] is True
+    assert ping_after < 5, "start-up must not wait for the remount"
+
+
+async def _ping_latencies(agent, stop: asyncio.Event) -> list[float]:
+    latencies = []
+    while not stop.is_set():
+        t0 = time.monotonic()
+        reply = await agent.call("/host/ping")
+        assert reply["success"]
+        latencies.append(time.monotonic() - t0)
+        await asyncio.sleep(0.05)
+    return latencies
+
+
+@pytest.mark.juicefs
+async def test_hung_juicefs_is_noticed_in_bounded_time_and_ping_keeps_answering(
+        make_agent, mn, tmp_path, mount_cleanup, volume):  # noqa: F811
+    interval, probe = 0.5, 1.5
+    agent = await make_agent(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache",
+                             modelcenter_health_interval=interval,
+                             modelcenter_probe_timeout=probe, modelcenter_auto_remount=False)
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    point = Path(reply["mountPoint"])
+    health = agent.ctx.services["modelcenter"].health
+    procs = daemons(point)
+    stop = asyncio.Event()
+    pinger = asyncio.create_task(_ping_latencies(agent, stop))
+    try:
+        signal_all(procs, signal.SIGSTOP)
+        hung_at = time.monotonic()
+        bound = interval + probe + 2.0  # + scheduling slack on a busy 2-core machine
+        while health[mc].noticed_at is None:
+            assert time.monotonic() - hung_at < bound + 5, "watcher did not notice the hang"
+            await asyncio.sleep(0.05)
+        noticed = health[mc].noticed_at - hung_at
+        t0 = time.monotonic()
+        listed = await agent.call("/modelcenter/list")
+        list_time = time.monotonic() - t0
+        assert listed["mounts"][0]["healthy"] is False
+        assert "hung" in listed["mounts"][0]["reason"]
+        assert list_time < probe + 1.5
+    finally:
+        signal_all(procs, signal.SIGCONT)
+        stop.set()
+    latencies = await pinger
+    print(f"hang noticed after {noticed:.2f}s (bound {interval + probe:.1f}s); "
+          f"ping max {max(latencies) * 1000:.0f}ms over {len(latencies)} pings")
+    assert noticed < bound
+    assert len(latencies) > 10 and max(latencies) < 1.0
+    deadline = time.monotonic() + 30
+    while not health[mc].healthy:
+        assert time.monotonic() < deadline, "not healthy again after SIGCONT"
+        await asyncio.sleep(0.1)
+    assert health[mc].remounts == 0 and sorted(p.pid for p in daemons(point)) == sorted(
+        p.pid for p in procs), "auto_remount off: the same daemon serves again"
+
+
+@pytest.mark.juicefs
+async def test_hung_juicefs_is_killed_and_remounted(make_agent, mn, tmp_path, mount_cleanup,  # noqa: F811
+                                                    volume):  # noqa: F811
+    interval, probe, after = 0.5, 1.5, 2
+    agent = await make_agent(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache",
+                             modelcenter_health_interval=interval,
+                             modelcenter_probe_timeout=probe, modelcenter_remount_after=after)
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    point = Path(reply["mountPoint"])
+    (point / "weights.txt").write_text("w1\n")
+    health = agent.ctx.services["modelcenter"].health
+    procs = daemons(point)
+    old = sorted(p.pid for p in procs)
+    stop = asyncio.Event()
+    pinger = asyncio.create_task(_ping_latencies(agent, stop))
+    try:
+        signal_all(procs, signal.SIGSTOP)
+        hung_at = time.monotonic()
+        deadline = hung_at + after * (interval + probe) + 60
+        while health[mc].remounts < 1 or not health[mc].healthy:
+            assert time.monotonic() < deadline, f"not remounted: {health[mc]}"
+            await asyncio.sleep(0.1)
+        repaired = time.monotonic() - hung_at
+    finally:
+        signal_all(procs, signal.SIGCONT)  # no-op if killed, as they should be
+        stop.set()
+    latencies = await pinger
+    print(f"hung mount remounted after {repaired:.2f}s; ping max {max(latencies) * 1000:.0f}ms")
+    assert max(latencies) < 1.0
+    new = sorted(p.pid for p in daemons(point))
+    assert new and not set(new) & set(old), "the stuck juicefs was replaced"
+    assert not any(alive(pid) for pid in old)
+    assert mounttable.mounts_at(point) == 1
+    assert (point / "weights.txt").read_text() == "w1\n"
+    listed = await agent.call("/modelcenter/list")
+    assert listed["mounts"][0]["healthy"] is True and listed["mounts"][0]["remounts"] == 1

@@ -1,0 +1,311 @@
+"""Virtiofs shares into the real tiny guest (TCG) through the agent: a JuiceFS model mounted
+by /modelcenter/mount, attached live, seen and read by the guest, detached again."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import psutil
+import pytest
+
+from kvmagent.modelcenter import mounttable
+from kvmagent.plugin import discover_plugins
+from kvmagent.virtiofs import GuestAgentError, guest_mount, shares_in_xml
+from kvmagent.vm.config import VirtiofsShare
+
+from .guest.domain import tiny_domain_xml
+from .juicefs_kit import mount_cleanup, volume  # noqa: F401
+from .vmkit import boot_vm, guest_image, lv, workdir  # noqa: F401
+
+INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
+
+
+def uid() -> str:
+    return uuidlib.uuid4().hex
+
+
+def virtiofsd_for(export: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if cmd and "virtiofsd" in cmd[0] and any(f"source={export}" in a for a in cmd):
+            found.append(proc)
+    return found
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        await asyncio.sleep(0.2)
+
+
+# -- no VM needed ---------------------------------------------------------------------------
+def test_share_xml_is_built_by_elementtree_and_parsed_back():
+    share = VirtiofsShare(source_dir="/m/a", tag="t.1_-", binary="/usr/lib/qemu/virtiofsd",
+                          readonly=True, cache="always", export_dir='/ro/"><x', readonly_in_xml=False)
+    xml = share.to_xml()
+    assert 'dir="/ro/&quot;&gt;&lt;x"' in xml, "values are escaped by the XML library"
+    assert "<readonly" not in xml and 'mode="always"' in xml
+    parsed = VirtiofsShare.from_element(ET.fromstring(xml))
+    assert (parsed.tag, parsed.source_dir, parsed.cache) == ("t.1_-", '/ro/"><x', "always")
+    auto = VirtiofsShare(source_dir="/m/x", tag="t", readonly=False).to_xml()
+    assert "<cache" not in auto, "libvirt 9 knows only none/always; auto is virtiofsd's default"
+    assert "<readonly" in VirtiofsShare(source_dir="/m/x", tag="t").to_xml(), "old API unchanged"
+
+
+async def test_guest_mount_through_the_guest_agent_protocol():
+    calls = []
+    mounted = {"yes": False}
+
+    async def send(cmd):
+        calls.append(cmd)
+        name = cmd["execute"]
+        if name == "guest-ping":
+            return {}
+        if name == "guest-exec":
+            calls[-1] = (cmd["arguments"]["path"], cmd["arguments"]["arg"])
+            if cmd["arguments"]["path"] == "mount":
+                mounted["yes"] = True
+            return {"pid": len(calls)}
+        if name == "guest-exec-status":
+            import base64
+            out = base64.b64encode(b"llama /data/m\\040x virtiofs ro 0 0\n" if mounted["yes"]
+                                   else b"proc /proc proc rw 0 0\n").decode()
+            return {"exited": True, "exitcode": 0, "out-data": out}
+        raise AssertionError(cmd)
+
+    result = await guest_mount(send, "llama", "/data/m x", True, 5)
+    assert (result.attempted, result.success, result.error) == (True, True, None)
+    execs = [c for c in calls if isinstance(c, tuple)]
+    assert execs == [("cat", ["/proc/mounts"]), ("mkdir", ["-p", "/data/m x"]),
+                     ("mount", ["-t", "virtiofs", "-o", "ro", "llama", "/data/m x"])]
+    calls.clear()
+    again = await guest_mount(send, "llama", "/data/m x", True, 5)
+    assert again.success and [c for c in calls if isinstance(c, tuple)] == [
+        ("cat", ["/proc/mounts"])], "already mounted: nothing more to do"
+
+    async def absent(cmd):
+        raise GuestAgentError("QEMU guest agent is not connected")
+
+    result = await guest_mount(absent, "llama", "/m", True, 5)
+    assert (result.attempted, result.success) == (False, False)
+    assert "guest agent not available" in result.error
+
+
+# -- with the tiny guest ----------------------------------------------------------------------
+def _plugins():
+    return discover_plugins(["host", "vm", "modelcenter", "virtiofs"])
+
+
+@pytest.fixture
+async def vfs_agent(make_agent, mount_cleanup, workdir, guest_image, tmp_path):  # noqa: F811
+    return await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
+                            juicefs_cache_dir=tmp_path / "jfscache")
+
+
+@pytest.mark.libvirt
+@pytest.mark.guest
+@pytest.mark.juicefs
+async def test_juicefs_model_is_shared_live_read_in_the_guest_and_detached(
+        vfs_agent, make_agent, mn, lv, guest_image, workdir, volume, tmp_path):  # noqa: F811
+    agent = vfs_agent
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    assert reply["success"], reply
+    model = Path(reply["mountPoint"]) / "llama-7b"
+    model.mkdir()
+    (model / "README.txt").write_text("llama weights v1\n")
+
+    vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
+    dom = lv[0].lookupByUUIDString(vm.uuid)
+    body = {"vmInstanceUuid": vm.uuid, "tag": "llama", "sourcePath": str(model),
+            "mountPath": "/models/llama"}
+    started = time.monotonic()
+    reply = await agent.call_async(mn, "/virtiofs/attach", body, timeout=60)
+    assert reply["success"] is True, reply
+    assert reply["qgaMountAttempted"] is False and reply["qgaMountSuccess"] is False
+    assert "guest agent not available" in reply["qgaMountError"]
+    await vm.console.wait_for("VIRTIOFS-MOUNTED llama", timeout=60)
+    await vm.console.wait_for("VIRTIOFS-READ llama README.txt llama weights v1", timeout=30)
+    print(f"attach to read in the guest: {time.monotonic() - started:.2f}s")
+
+    live = shares_in_xml(dom.XMLDesc(0))
+    assert [s.tag for s in live] == ["llama"]
+    assert [s.tag for s in shares_in_xml(dom.XMLDesc(INACTIVE))] == ["llama"], \
+        "attached to the persistent definition too"
+    export = live[0].source_dir
+    assert mounttable.mount_at(export).readonly
+    with pytest.raises(OSError) as err:
+        (Path(export) / "evil.txt").write_text("x")
+    assert err.value.errno == errno.EROFS, "the share is read-only on the host side"
+    assert virtiofsd_for(export), "libvirt started virtiofsd for the share"
+
+    status = await agent.call("/virtiofs/status", {"vmInstanceUuid": vm.uuid})
+    assert status["supported"] is True and status["libvirtVersion"] and status["virtiofsdFound"]
+    assert status["shares"] == [{"vmInstanceUuid": vm.uuid, "tag": "llama",
+                                 "sourcePath": str(model), "readonly": True, "cacheMode": "auto",
+                                 "deviceAlias": live[0].alias}]
+
+    # Same tag and source again: a no-op. Same tag, other source: refused.
+    assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"] is True
+    assert len(shares_in_xml(dom.XMLDesc(0))) == 1
+    (model.parent / "other").mkdir()
+    other = await agent.call_async(mn, "/virtiofs/attach", {**body,
+                                                             "sourcePath": str(model.parent / "other")})
+    assert other["success"] is False and "already shares tag llama from" in other["error"]
+
+    # A restarted agent still knows what the share is, and refuses to unmount under it.
+    await agent.client.close()
+    agent = await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
+                             juicefs_cache_dir=tmp_path / "jfscache")
+    status = await agent.call("/virtiofs/status")
+    assert {"vmInstanceUuid": vm.uuid, "tag": "llama", "sourcePath": str(model)}.items() <= \
+        next(s for s in status["shares"] if s["vmInstanceUuid"] == vm.uuid).items()
+    refused = await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc})
+    assert refused["success"] is False and "still shared" in refused["error"]
+    assert vm.uuid in refused["error"] and mounttable.mount_at(model.parent) is not None
+
+    procs = virtiofsd_for(export)
+    started = time.monotonic()
+    reply = await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid,
+                                                             "tag": "llama"}, timeout=90)
+    assert reply == {"success": True, "error": None}
+    print(f"detach: {time.monotonic() - started:.2f}s")
+    assert shares_in_xml(dom.XMLDesc(0)) == [] and shares_in_xml(dom.XMLDesc(INACTIVE)) == []
+    gone, alive = psutil.wait_procs(procs, timeout=15)
+    assert not alive, "virtiofsd exited"
+    await vm.console.wait_for("VIRTIOFS-GONE llama", timeout=30)
+    assert mounttable.mount_at(export) is None, "the read-only bind mount is gone"
+    assert agent.ctx.state.names("virtiofs") == []
+    assert (await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid,
+                                                             "tag": "llama"}))["success"]
+    assert (await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}))["success"]
+
+
+@pytest.mark.libvirt
+@pytest.mark.guest
+async def test_bad_attach_requests_fail_clearly_and_change_nothing(
+        vfs_agent, mn, lv, guest_image, workdir, tmp_path):  # noqa: F811
+    agent = vfs_agent
+    models = Path(agent.config.models_root)
+    (models / "mc1" / "m").mkdir(parents=True)
+    (models / "mc1" / "weights.bin").write_text("x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (models / "mc1" / "escape").symlink_to(outside)
+    (models / "mc1" / "m" / "up").symlink_to("../../../outside")
+    vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
+    dom = lv[0].lookupByUUIDString(vm.uuid)
+    before = (dom.XMLDesc(0), dom.XMLDesc(INACTIVE))
+    good = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(models / "mc1" / "m"),
+            "mountPath": "/models/m"}
+
+    async def attach(**changes):
+        return await agent.post("/virtiofs/attach", {**good, **changes})
+
+    invalid = [  # HTTP 400 naming the field
+        ({"sourcePath": f"{models}/mc1/../../outside"}, "sourcePath"),
+        ({"sourcePath": "models/mc1/m"}, "sourcePath"),
+        ({"tag": 'x"/><source dir="/etc'}, "tag"), ({"tag": "<tag>"}, "tag"),
+        ({"tag": "a" * 37}, "tag"), ({"tag": "a b"}, "tag"), ({"tag": ""}, "tag"),
+        ({"mountPath": "relative"}, "mountPath"), ({"cacheMode": "writeback"}, "cacheMode"),
+        ({"vmInstanceUuid": "../etc"}, "vmInstanceUuid"),
+    ]
+    for change, field in invalid:
+        status, reply = await attach(**change)
+        assert status == 400 and f"field '{field}'" in reply["error"], (change, reply)
+    failing = [  # run, and fail with a clear message
+        ({"sourcePath": str(models / "mc1" / "escape")}, "outside the models root"),
+        ({"sourcePath": str(models / "mc1" / "m" / "up")}, "outside the models root"),
+        ({"sourcePath": str(models / "mc1" / "nope")}, "does not exist"),
+        ({"sourcePath": str(models / "mc1" / "weights.bin")}, "is not a directory"),
+        ({"vmInstanceUuid": uid()}, "does not exist on this host"),
+    ]
+    for change, message in failing:
+        status, reply = await attach(**change)
+        assert status == 200 and reply["success"] is False and message in reply["error"], \
+            (change, reply)
+    assert (dom.XMLDesc(0), dom.XMLDesc(INACTIVE)) == before, "nothing changed"
+    assert agent.ctx.state.names("virtiofs") == []
+    ro_root = str(agent.config.state_dir / "virtiofs-ro")
+    assert not [e for e in mounttable.read_mounts() if e.mount_point.startswith(ro_root)]
+    # Detaching a tag that is not there succeeds.
+    reply = await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid, "tag": "m"})
+    assert reply == {"success": True, "error": None}
+
+
+@pytest.mark.libvirt
+@pytest.mark.guest
+async def test_vm_without_shared_memory_or_not_running_is_refused(
+        vfs_agent, mn, lv, guest_image, workdir):  # noqa: F811
+    agent = vfs_agent
+    source = Path(agent.config.models_root) / "mc" / "m"
+    source.mkdir(parents=True)
+    vm = await boot_vm(agent, mn, lv, guest_image, workdir)  # default memory backing
+    dom = lv[0].lookupByUUIDString(vm.uuid)
+    before = dom.XMLDesc(0)
+    body = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(source)}
+    reply = await agent.call_async(mn, "/virtiofs/attach", body)
+    assert reply == {"success": False, "error": f"VM {vm.uuid} has no shared memory backing "
+                     f"(start it with memoryBacking memfd-shared or hugepages)"}
+    assert dom.XMLDesc(0) == before
+
+    assert (await agent.call_async(mn, "/vm/stop", {"uuid": vm.uuid, "type": "force"}))["success"]
+    reply = await agent.call_async(mn, "/virtiofs/attach", body)
+    assert reply == {"success": False, "error": f"VM {vm.uuid} does not exist on this host"}
+
+    # Defined but not running (made outside the agent).
+    uuid = str(uuidlib.uuid4())
+    lv[1].append(uuid)
+    defined = lv[0].defineXML(tiny_domain_xml(f"vfs-{uuid[:8]}", uuid, guest_image,
+                                              str(workdir / "off.log")))
+    before = defined.XMLDesc(INACTIVE)
+    reply = await agent.call_async(mn, "/virtiofs/attach", {**body, "vmInstanceUuid": uuid})
+    assert reply["success"] is False
+    assert reply["error"].startswith(f"VM {uuid} is not running")
+    assert defined.XMLDesc(INACTIVE) == before
+    assert agent.ctx.state.names("virtiofs") == []
+
+
+@pytest.mark.libvirt
+@pytest.mark.guest
+async def test_detach_from_a_guest_that_does_not_answer_times_out_clearly(
+        make_agent, mount_cleanup, mn, lv, guest_image, workdir):  # noqa: F811
+    agent = await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
+                             virtiofs_detach_timeout=3)
+    source = Path(agent.config.models_root) / "mc" / "m"
+    source.mkdir(parents=True)
+    (source / "a.txt").write_text("alpha\n")
+    vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
+    dom = lv[0].lookupByUUIDString(vm.uuid)
+    body = {"vmInstanceUuid": vm.uuid, "tag": "slow", "sourcePath": str(source),
+            "readonly": False, "cacheMode": "none"}
+    assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"]
+    await vm.console.wait_for("VIRTIOFS-READ slow a.txt alpha", timeout=60)
+    share = shares_in_xml(dom.XMLDesc(0))[0]
+    assert share.source_dir == str(source) and share.cache == "none", "read-write: no bind"
+
+    dom.suspend()  # a paused guest cannot answer the unplug request
+    try:
+        reply = await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid,
+                                                                 "tag": "slow"}, timeout=60)
+        assert reply["success"] is False
+        assert f"VM {vm.uuid} did not release virtiofs tag slow" in reply["error"]
+        assert "within 3s" in reply["error"]
+        assert [s.tag for s in shares_in_xml(dom.XMLDesc(0))] == ["slow"]
+        assert shares_in_xml(dom.XMLDesc(INACTIVE)) == []
+    finally:
+        dom.resume()
+    await vm.console.wait_for("VIRTIOFS-GONE slow", timeout=60)
+    await wait_for(lambda: not shares_in_xml(dom.XMLDesc(0)), 30, "device removal")
+    reply = await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid,
+                                                             "tag": "slow"})
+    assert reply == {"success": True, "error": None}
+    assert agent.ctx.state.names("virtiofs") == []
