@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FOLDER = "virtiofs"
 SERVICE = "virtiofs"
 MIN_LIBVIRT = (6, 2, 0)  # virtiofs in libvirt; live attach/detach since 7.9 (checked by libvirt)
+MIN_QEMU = (5, 0, 0)  # vhost-user-fs-pci
 QGA_CHANNEL = "org.qemu.guest_agent.0"
 
 
@@ -575,6 +576,8 @@ class VirtiofsService:
             reasons.append("libvirt unavailable")
         elif tuple(int(x) for x in libvirt_version.split(".")) < MIN_LIBVIRT:
             reasons.append(f"libvirt {libvirt_version} is older than 6.2.0")
+        if qemu_version and tuple(int(x) for x in qemu_version.split(".")) < MIN_QEMU:
+            reasons.append(f"QEMU {qemu_version} is older than 5.0 (no vhost-user-fs)")
         shares = await list_shares(self.ctx, vm) if libvirt_version else []
         return {"supported": not reasons, "reason": "; ".join(reasons) or None,
                 "libvirtVersion": libvirt_version, "qemuVersion": qemu_version,

@@ -387,3 +387,25 @@ async def test_hung_juicefs_is_killed_and_remounted(make_agent, mn, tmp_path, mo
     assert (point / "weights.txt").read_text() == "w1\n"
     listed = await agent.call("/modelcenter/list")
     assert listed["mounts"][0]["healthy"] is True and listed["mounts"][0]["remounts"] == 1
+
+
+@pytest.mark.juicefs
+async def test_dead_juicefs_is_remounted(make_agent, mn, tmp_path, mount_cleanup, volume):  # noqa: F811
+    agent = await make_agent(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache",
+                             modelcenter_health_interval=0.5, modelcenter_probe_timeout=2,
+                             modelcenter_remount_after=1)
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    point = Path(reply["mountPoint"])
+    (point / "a.txt").write_text("a\n")
+    old = [p.pid for p in daemons(point)]
+    signal_all(daemons(point), signal.SIGKILL)  # supervisor and worker: the mount is dead
+    health = agent.ctx.services["modelcenter"].health
+    deadline = time.monotonic() + 60
+    while health[mc].remounts < 1 or not health[mc].healthy:
+        assert time.monotonic() < deadline, f"not remounted: {health[mc]}"
+        await asyncio.sleep(0.1)
+    assert "not connected" in (health[mc].last_problem or ""), health[mc]
+    assert (point / "a.txt").read_text() == "a\n"
+    assert mounttable.mounts_at(point) == 1 and not any(alive(pid) for pid in old)

@@ -20,7 +20,7 @@ from kvmagent.vm.config import VirtiofsShare
 
 from .guest.domain import tiny_domain_xml
 from .juicefs_kit import mount_cleanup, volume  # noqa: F401
-from .vmkit import boot_vm, guest_image, lv, workdir  # noqa: F401
+from .vmkit import boot_vm
 
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
 
