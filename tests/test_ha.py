@@ -30,15 +30,28 @@ def jfs():
 
 @pytest.fixture
 async def ha_agent(make_agent, mn, workdir, guest_image, jfs):
-    agent = await make_agent(vm_path_roots=[workdir, guest_image.kernel.parent, jfs.base],
-                             ha_inventory_refresh=1.0)
-    await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
-    return agent
+    return await connected_agent(make_agent, mn, ha_inventory_refresh=1.0,
+                                 vm_path_roots=[workdir, guest_image.kernel.parent, jfs.base])
 
 
 def setup_body(storages: dict[str, Path], strategy: str = "Permissive", **timing) -> dict:
     return {"hostUuid": HOST, **FAST, **timing, "strategy": strategy,
             "uuids": list(storages), "mountPaths": [str(p) for p in storages.values()]}
+
+
+async def connected_agent(make_agent, mn, **config):
+    agent = await make_agent(**config)
+    await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
+    return agent
+
+
+async def beating_agent(make_agent, mn, storage: Path, ps_uuid: str):
+    """An agent whose fencer on ``storage`` has written at least one heartbeat."""
+    storage.mkdir(exist_ok=True)
+    agent = await connected_agent(make_agent, mn)
+    await agent.call_async(mn, "/ha/selffencer/setup", setup_body({ps_uuid: storage}))
+    await wait_beats(agent, ps_uuid, count=1)
+    return agent
 
 
 async def fencer_states(agent) -> dict[str, dict]:
@@ -138,9 +151,8 @@ async def test_hung_storage_fences_the_right_vms_and_recovers(
     assert len(mn.reports_for("/kvm/reportselffencer")) == 1, "one fence per outage"
 
 
-async def test_setup_replay_keeps_the_loop_and_changes_replace_it(make_agent, mn, tmp_path):
-    agent = await make_agent()
-    await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
+async def test_setup_replay_keeps_the_loop_and_changes_replace_it(make_agent, mn):
+    agent = await connected_agent(make_agent, mn)
     broken = "/proc/kvmagent-no-such-storage"  # every write fails at once
     body = setup_body({"ps-a": Path(broken)}, maxAttempts=1000, interval=0.2)
     assert (await agent.call_async(mn, "/ha/selffencer/setup", body))["outcome"] == {"ps-a": "started"}
@@ -164,11 +176,7 @@ async def test_setup_replay_keeps_the_loop_and_changes_replace_it(make_agent, mn
 
 async def test_fencers_survive_an_agent_restart(make_agent, mn, workdir):
     storage = workdir / "ps"
-    storage.mkdir()
-    first = await make_agent()
-    await first.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
-    await first.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-r": storage}))
-    await wait_beats(first, "ps-r", count=1)
+    first = await beating_agent(make_agent, mn, storage, "ps-r")
     await first.client.close()
     hb = Path(heartbeat_path(str(storage), HOST))
     stopped_at = json.loads(hb.read_text())["heartbeat_time"]
@@ -181,11 +189,7 @@ async def test_fencers_survive_an_agent_restart(make_agent, mn, workdir):
 
 async def test_peer_heartbeat_check(make_agent, mn, workdir):
     storage = workdir / "ps"
-    storage.mkdir()
-    agent = await make_agent()
-    await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
-    await agent.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-p": storage}))
-    await wait_beats(agent, "ps-p", count=1)
+    agent = await beating_agent(make_agent, mn, storage, "ps-p")
     check = {"primaryStorageUuid": "ps-p", "targetHostUuid": HOST, "mountPath": str(storage),
              "interval": 1.2, "times": 3, "storageCheckerTimeout": 2}
     alive = await agent.call_async(mn, "/filesystem/check/vmstate", check)
@@ -216,8 +220,7 @@ async def test_peer_check_on_hung_storage_is_bounded(make_agent, mn, jfs):
 
 
 async def test_permissive_kills_nothing_when_it_cannot_tell_which_vms_have_ha(make_agent, mn):
-    agent = await make_agent(libvirt_uri="qemu:///system?socket=/nonexistent/sock")
-    await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
+    agent = await connected_agent(make_agent, mn, libvirt_uri="qemu:///system?socket=/nonexistent/sock")
     await agent.call_async(mn, "/ha/selffencer/setup",
                            setup_body({"ps-u": Path("/proc/kvmagent-nothing")}, interval=0.2))
     report = await mn.wait_report("/kvm/reportselffencer", timeout=20)

@@ -35,9 +35,10 @@ def libvirt_message(exc: libvirt.libvirtError) -> str:
     return " ".join((exc.get_error_message() or str(exc)).split())
 
 
-def _lookup(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+def _lookup(conn: libvirt.virConnect, uuid: str, by_name: bool = False) -> libvirt.virDomain | None:
+    """The domain, or None when it does not exist (our domains are named by their uuid)."""
     try:
-        return conn.lookupByUUIDString(uuid)
+        return conn.lookupByName(uuid) if by_name else conn.lookupByUUIDString(uuid)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
@@ -300,7 +301,7 @@ class VmService:
 
     async def _refresh_flag(self, name: str) -> None:
         def read(conn: libvirt.virConnect) -> bool | None:
-            dom = _lookup_name(conn, name)
+            dom = _lookup(conn, name, by_name=True)
             return None if dom is None else read_ha_flag(dom)
         try:
             flag = await self.call(read)
@@ -352,12 +353,4 @@ class VmService:
         for name in set(self._known) | set(current):
             self._report_if_changed(name, current.get(name, states.STOPPED))
 
-
-def _lookup_name(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise
 
