@@ -43,13 +43,11 @@ def lv():
             dom = conn.lookupByUUIDString(uuid)
         except libvirt.libvirtError:
             continue
-        try:
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
-        except libvirt.libvirtError:
-            pass
+        for step in (dom.destroy, dom.undefine):  # undefine even when destroy failed
+            try:
+                step()
+            except libvirt.libvirtError:
+                pass
     conn.close()
 
 
