@@ -9,7 +9,7 @@ PACKAGES=(
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-venv
   qemu-system-x86 qemu-utils
   docker.io busybox-static
-  nftables iproute2 fuse3 kmod openssl
+  nftables iproute2 iptables util-linux procps fuse3 kmod openssl
 )
 
 log() { echo "setup-host: $*" >&2; }

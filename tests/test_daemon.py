@@ -1,0 +1,101 @@
+"""The real daemon process: systemd notification and watchdog, TLS with client certificates."""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kvmagent.plugin import discover_plugins
+from kvmagent.server import create_app, ssl_context
+
+from .conftest import agent_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_notifies_systemd_and_pets_the_watchdog(tmp_path):
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.settimeout(15)
+    port = free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmagent.cli", "serve", "--listen", f"127.0.0.1:{port}",
+         "--state-dir", str(tmp_path / "state"), "--libvirt-uri", "test:///default"],
+        env=env, stderr=subprocess.PIPE)
+    try:
+        messages = []
+        deadline = time.monotonic() + 15
+        while messages.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            messages.append(sock.recv(256).decode())
+        assert messages[0] == "READY=1", messages
+        assert messages.count("WATCHDOG=1") >= 3, "the event loop must keep petting the watchdog"
+        # READY means it answers.
+        import urllib.request
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/host/echo", data=b"{}", method="POST"), timeout=5) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        sock.close()
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+async def test_tls_with_client_certificates(tmp_path, pki):
+    config = agent_config(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                          tls_client_ca=pki / "ca.pem", libvirt_uri="test:///default")
+    plugins = [p for p in discover_plugins() if p.name == "host"]
+    runner = web.AppRunner(create_app(config, plugins))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context(config)).start()
+    url = f"https://127.0.0.1:{port}/host/echo"
+    try:
+        with_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with_cert.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, data=b"{}", ssl=with_cert) as resp:
+                assert (resp.status, await resp.json()) == (200, {"success": True, "error": None})
+            without = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            with pytest.raises(aiohttp.ClientError):
+                async with session.post(url, data=b"{}", ssl=without) as resp:
+                    await resp.read()
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP to the TLS port
+                async with session.post(url.replace("https", "http"), data=b"{}") as resp:
+                    await resp.read()
+    finally:
+        await runner.cleanup()
