@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from .blocking import run_process
 from .context import AgentContext
 from .errors import AgentError, BlockingTimeout, ConflictError, NotFoundError
 from .modelcenter import mounttable
+from .modelcenter.service import LOCK as MODELCENTER_LOCK
 from .vm.config import VirtiofsShare
 
 log = logging.getLogger(__name__)
@@ -305,6 +307,11 @@ class VirtiofsService:
             raise NotFoundError(f"VM {uuid} does not exist on this host")
         return found
 
+    def _model_center_of(self, real: str, root: str) -> str | None:
+        """The model-center uuid whose mount point holds ``real`` (first component)."""
+        rest = real[len(root.rstrip("/")) + 1:] if real != root else ""
+        return rest.split("/", 1)[0] or None
+
     async def _resolve_source(self, source: str) -> str:
         real, exists, is_dir = await mounttable.resolve_path(source,
                                                              self.config.virtiofs_path_timeout)
@@ -323,7 +330,9 @@ class VirtiofsService:
         bind = self.bind_path(vm, tag)
         await self.ctx.runner.run(bind.mkdir, parents=True, exist_ok=True, mode=0o755,
                                   timeout=self.config.virtiofs_path_timeout)
-        while mounttable.mount_at(bind, self.config.procfs_root) is not None:  # stale
+        for _ in range(8):  # a stale bind mount, e.g. from a crash between bind and record
+            if mounttable.mount_at(bind, self.config.procfs_root) is None:
+                break
             if not await mounttable.lazy_umount(bind):
                 raise AgentError(f"cannot clear the stale bind mount {bind}")
         timeout = self.config.virtiofs_path_timeout
@@ -345,7 +354,9 @@ class VirtiofsService:
     async def _unbind(self, path: str | None) -> None:
         if not path or not path.startswith(str(self.readonly_root()) + "/"):
             return
-        while mounttable.mount_at(path, self.config.procfs_root) is not None:
+        for _ in range(8):
+            if mounttable.mount_at(path, self.config.procfs_root) is None:
+                break
             if not await mounttable.lazy_umount(path):
                 log.warning("cannot unmount %s", path)
                 return
@@ -383,7 +394,15 @@ class VirtiofsService:
                                        readonly, cache)
                 log.info("VM %s already shares %s as %s", vm, real, tag)
             else:
-                await self._attach_new(dom, vm, tag, real, persistent, readonly, cache, binary)
+                # Hold the model center's lock too: its umount checks for shares under it,
+                # and must not run between that check and this attach.
+                root = await self.ctx.runner.run(os.path.realpath, str(self.config.models_root),
+                                                 timeout=self.config.virtiofs_path_timeout)
+                mc = self._model_center_of(real, root)
+                async with (self.ctx.locks.hold(MODELCENTER_LOCK, mc) if mc
+                            else contextlib.nullcontext()):
+                    await self._attach_new(dom, vm, tag, real, persistent, readonly, cache,
+                                           binary)
         if not mount_path:
             return GuestMount(False, False, "in-guest mount not attempted: no mountPath given")
         if not has_guest_agent_channel(live):
@@ -491,7 +510,7 @@ class VirtiofsService:
                 remaining = deadline - time.monotonic()
                 try:
                     removed = await asyncio.wait_for(asyncio.shield(future),
-                                                     max(0.05, min(1.0, remaining)))
+                                                     max(0.05, min(0.5, remaining)))
                     if removed:
                         return None
                     return (f"VM {vm}: the guest refused to release virtiofs tag {tag} "

@@ -276,13 +276,17 @@ async def test_vm_without_shared_memory_or_not_running_is_refused(
 
 @pytest.mark.libvirt
 @pytest.mark.guest
-async def test_detach_from_a_guest_that_does_not_answer_times_out_clearly(
+async def test_unanswered_detach_times_out_clearly_and_umount_needs_force_while_shared(
         make_agent, mount_cleanup, mn, lv, guest_image, workdir):  # noqa: F811
     agent = await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
                              virtiofs_detach_timeout=3)
-    source = Path(agent.config.models_root) / "mc" / "m"
-    source.mkdir(parents=True)
-    (source / "a.txt").write_text("alpha\n")
+    local = workdir / "local-models"
+    (local / "m").mkdir(parents=True)
+    (local / "m" / "a.txt").write_text("alpha\n")
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {"modelCenterUuid": mc,
+                                                               "storageUrl": f"file://{local}"})
+    source = Path(reply["mountPoint"]) / "m"
     vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
     dom = lv[0].lookupByUUIDString(vm.uuid)
     body = {"vmInstanceUuid": vm.uuid, "tag": "slow", "sourcePath": str(source),
@@ -309,3 +313,13 @@ async def test_detach_from_a_guest_that_does_not_answer_times_out_clearly(
                                                              "tag": "slow"})
     assert reply == {"success": True, "error": None}
     assert agent.ctx.state.names("virtiofs") == []
+
+    # Shared again: umount is refused, unless forced.
+    assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"]
+    refused = await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc})
+    assert refused["success"] is False and f"VM {vm.uuid} tag slow" in refused["error"]
+    forced = await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc,
+                                                                 "force": True})
+    assert forced == {"success": True, "error": None}
+    assert mounttable.mount_at(source.parent) is None
+    assert (local / "m" / "a.txt").exists()

@@ -286,7 +286,7 @@ class ModelCenterService:
             try:
                 await backend.recover(mount_point, record.daemon)
                 await self._mount(uuid, record, record.url)
-            except AgentError as exc:
+            except Exception as exc:  # noqa: BLE001 - a background repair must report, not die
                 log.error("model center %s: remount failed: %s", uuid, exc)
                 self._mark(uuid, f"{now}; remount failed: {exc}")
                 return False
