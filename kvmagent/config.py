@@ -18,29 +18,31 @@ class AgentConfig(BaseModel):
 
     listen: str = Field("0.0.0.0:7070", description="HOST:PORT the HTTP server binds to")
     state_dir: Path = Field(Path("/var/lib/kvmagent"), description="persistent state (atomic JSON)")
-    libvirt_uri: str = "qemu:///system"
+    libvirt_uri: str = Field("qemu:///system", description="libvirt connection URI")
     # kvm in production; "auto" probes /dev/kvm plus the capabilities, "qemu" is TCG.
-    domain_type: Literal["kvm", "qemu", "auto"] = "kvm"
-    log_level: str = "INFO"
+    domain_type: Literal["kvm", "qemu", "auto"] = Field(
+        "kvm", description="domain type of started VMs; auto: kvm when /dev/kvm and libvirt offer it")
+    log_level: str = Field("INFO", description="DEBUG also logs request bodies (secrets masked)")
     plugins: list[str] | None = Field(None, description="entry-point names to load; None = all")
 
     # Security (off by default, as the ZStack MN speaks plain HTTP).
     auth_token: str | None = Field(None, description="require 'Authorization: Bearer <token>'")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
+    tls_key: Path | None = Field(None, description="private key of tls_cert (PEM)")
     tls_client_ca: Path | None = Field(None, description="verify client certificates against this CA")
 
     # Blocking work.
-    executor_workers: int = Field(64, ge=1, le=1024)
-    libvirt_workers: int = Field(16, ge=1, le=256)
-    libvirt_call_timeout: float = Field(60.0, gt=0)
-    libvirt_reconnect_interval: float = Field(5.0, gt=0)
+    executor_workers: int = Field(64, ge=1, le=1024, description="threads for blocking work")
+    libvirt_workers: int = Field(16, ge=1, le=256, description="threads for libvirt calls")
+    libvirt_call_timeout: float = Field(60.0, gt=0, description="one libvirt call")
+    libvirt_reconnect_interval: float = Field(
+        5.0, gt=0, description="seconds between reconnect attempts and liveness checks")
 
     # Callback and report delivery to the MN.
     delivery_timeout: float = Field(30.0, gt=0, description="one HTTP attempt")
     delivery_retry_window: float = Field(600.0, gt=0, description="give up after this many seconds")
-    delivery_initial_backoff: float = Field(1.0, gt=0)
-    delivery_max_backoff: float = Field(30.0, gt=0)
+    delivery_initial_backoff: float = Field(1.0, gt=0, description="first retry delay, doubled each time")
+    delivery_max_backoff: float = Field(30.0, gt=0, description="longest retry delay")
 
     # VMs.
     vm_path_roots: list[Path] = Field(
@@ -49,7 +51,8 @@ class AgentConfig(BaseModel):
         description="volumes, kernels and console logs of VMs must resolve inside these")
     vm_state_report_debounce: float = Field(
         2.0, ge=0, description="seconds a VM's state must settle before it is reported")
-    vm_stop_default_timeout: float = Field(60.0, gt=0)
+    vm_stop_default_timeout: float = Field(
+        60.0, gt=0, description="grace stop: seconds to wait for the guest before destroying it")
 
     # HA.
     ha_inventory_refresh: float = Field(
@@ -58,13 +61,16 @@ class AgentConfig(BaseModel):
         None, description="network namespace whose links network groups watch (None: host)")
 
     # Capabilities.
-    models_root: Path = Path("/opt/kvmagent/models")
+    models_root: Path = Field(Path("/opt/kvmagent/models"),
+                              description="model-center mounts; virtiofs sources must lie inside")
     juicefs_binary: str | None = Field(None, description="path to juicefs; default: PATH / venv")
-    virtiofsd_binary: Path = Path("/usr/lib/qemu/virtiofsd")
-    docker_start_command: list[str] | None = None
-    docker_install_allowed: bool = False
-    sysfs_root: Path = Path("/sys")
-    procfs_root: Path = Path("/proc")
+    virtiofsd_binary: Path = Field(Path("/usr/lib/qemu/virtiofsd"), description="virtiofsd for shares")
+    docker_start_command: list[str] | None = Field(
+        None, description="argv that starts dockerd without systemd; None: spawn dockerd_binary")
+    docker_install_allowed: bool = Field(
+        False, description="apt-get install docker.io when no docker engine is installed")
+    sysfs_root: Path = Field(Path("/sys"), description="sysfs (a fake tree in unit tests)")
+    procfs_root: Path = Field(Path("/proc"), description="procfs (a fake tree in unit tests)")
     # Vhost target environment (docker engine, hugetlbfs).
     docker_url: str = Field("unix:///var/run/docker.sock", description="docker engine base URL")
     docker_timeout: float = Field(10.0, gt=0, description="one docker API call (client timeout)")

@@ -1,10 +1,14 @@
 """The libvirt connection: opened lazily, reopened after libvirtd restarts, never on the loop.
 
-libvirt accepts one event implementation per process, for the life of the process, so the
-asyncio implementation (libvirtaio) runs on a private event loop in one daemon thread shared
-by every connection of the process; events are handed to the agent's own loop with
-``call_soon_threadsafe``. That keeps libvirt's keepalive and event dispatch independent of
-however many agents (tests) or loops the process has, and off the agent's loop.
+Events: libvirt accepts one event implementation per process, for the life of the process. We
+use libvirt's own thread-safe C implementation, run by one daemon thread, and hand every event
+to the agent's loop with ``call_soon_threadsafe``. libvirt's asyncio implementation
+(libvirtaio) is not usable here: libvirt calls into the event implementation from whichever
+thread makes an API call, and every agent call runs in a worker thread by design; libvirtaio
+then schedules timers with ``asyncio.ensure_future`` from that foreign thread, which neither
+is thread-safe nor wakes its loop, so events (libvirt dispatches them from a zero-delay timer)
+arrived seconds late in our measurements. One thread for the whole process also keeps any
+number of agents (tests) and event loops in one process working.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import threading
 from typing import Any, Callable, TypeVar
 
 import libvirt
-import libvirtaio
 
 from .blocking import BlockingRunner
 from .errors import AgentError, BlockingTimeout
@@ -30,29 +33,26 @@ _CONNECTION_LOST = {
 }
 
 _event_thread_lock = threading.Lock()
-_event_loop: asyncio.AbstractEventLoop | None = None
+_event_thread: threading.Thread | None = None
 
 
 def ensure_event_impl() -> None:
     """Start the process-wide libvirt event thread (idempotent; before any connection opens)."""
-    global _event_loop
+    global _event_thread
     with _event_thread_lock:
-        if _event_loop is not None:
+        if _event_thread is not None:
             return
-        ready = threading.Event()
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-            ready.set()
-            loop.run_forever()
-
         # libvirt prints every error to stderr by default; we report them ourselves.
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        ready.wait(10)
-        _event_loop = loop
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                if libvirt.virEventRunDefaultImpl() < 0:
+                    log.error("libvirt event loop iteration failed")
+
+        _event_thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_thread.start()
 
 
 def version_string(number: int) -> str:
