@@ -31,16 +31,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import docker
-import docker.errors
 import psutil
-import requests.exceptions
 
 from .blocking import BlockingRunner, run_process
 from .config import AgentConfig
 from .errors import AgentError, BlockingTimeout
+from .lazy import lazy_import
+
+if TYPE_CHECKING:
+    import docker
+else:
+    docker = lazy_import("docker")  # with requests and urllib3: loaded on first docker use
+    requests = lazy_import("requests")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

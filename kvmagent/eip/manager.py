@@ -41,12 +41,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ..errors import AgentError, BlockingTimeout
-from . import netlink, nft
+from ..lazy import lazy_import
+from . import nft
 from .naming import DEFAULT_PREFIX, Names, Patterns, check_prefix
 from .spec import EipSpec
+
+if TYPE_CHECKING:
+    from . import netlink
+else:
+    netlink = lazy_import(f"{__package__}.netlink")  # pyroute2: loaded on first EIP work
 
 if TYPE_CHECKING:
     from ..context import AgentContext
@@ -168,7 +172,7 @@ class EipManager:
         try:
             return await self.ctx.runner.run(work, timeout=self.settings.netlink_timeout,
                                              what=what)
-        except (NetlinkError, OSError) as exc:   # one line a human can act on
+        except (netlink.NetlinkError, OSError) as exc:   # one line a human can act on
             raise AgentError(f"{what}: {exc}") from exc
         except (BlockingTimeout, asyncio.CancelledError):
             abort.set()

@@ -12,10 +12,10 @@ import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.rtnl import RTMGRP_LINK
-
 from ..context import AgentContext
+from ..lazy import lazy_import
+
+pyroute2 = lazy_import("pyroute2")  # loaded when the first network group is watched
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class NetworkGroupMonitor:
         self.config = Config()
         self.links: dict[str, bool] = {}
         self._reported: tuple | None = None
-        self._ipr: AsyncIPRoute | None = None
+        self._ipr = None  # pyroute2.AsyncIPRoute while watching
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -143,8 +143,9 @@ class NetworkGroupMonitor:
     async def _watch(self) -> None:
         while True:
             try:
-                self._ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
-                await self._ipr.bind(groups=RTMGRP_LINK)
+                kwargs = {"netns": self.netns} if self.netns else {}
+                self._ipr = pyroute2.AsyncIPRoute(**kwargs)
+                await self._ipr.bind(groups=pyroute2.netlink.rtnl.RTMGRP_LINK)
                 self.links = {link.get("ifname"): link_up(link["flags"])
                               async for link in await self._ipr.link("dump")}
                 self._ready.set()
