@@ -15,7 +15,7 @@ from kvmagent.config import AgentConfig
 from kvmagent.ha.fencer import FencerConfig, detection_bounds
 from kvmagent.plugin import discover_plugins
 from kvmagent.server import create_app
-from tests.jfs import JuiceFsVolume
+from tests.juicefs_kit import MountedVolume
 from tests.mnstub import MNStub, make_mn_app
 
 from .common import percentiles
@@ -56,7 +56,7 @@ async def measure() -> dict[str, object]:
         await client.post("/host/connect", json={"hostUuid": HOST, "sendCommandUrl": stub.send_command_url})
         healthy = await ping_latencies(client, 3)
         for interval, attempts, timeout in TIMINGS:
-            volume = JuiceFsVolume().mount()
+            volume = MountedVolume().mount()
             ps = f"ps-{uuid.uuid4().hex[:8]}"
             try:
                 body = {"hostUuid": HOST, "interval": interval, "maxAttempts": attempts,

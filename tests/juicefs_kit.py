@@ -127,3 +127,35 @@ def volume():
     yield vol
     cleanup_mounts(vol.base)
     vol.remove()
+
+
+class MountedVolume(LocalVolume):
+    """A volume the test mounts itself (not through the agent): for HA tests and benches."""
+
+    def __init__(self, name: str = "kvmagenttest"):
+        super().__init__(name)
+        self.mountpoint = self.base / "mnt"
+        self.mountpoint.mkdir()
+        self._paused: list[psutil.Process] = []
+
+    def mount(self) -> MountedVolume:
+        subprocess.run([JUICEFS, *QUIET, "mount", "-d", "--log", str(self.base / "juicefs.log"),
+                        "--no-bgjob", self.meta, str(self.mountpoint)],
+                       check=True, capture_output=True, timeout=60)
+        wait_until(lambda: os.path.ismount(self.mountpoint), 20, "juicefs mount")
+        os.chmod(self.mountpoint, 0o777)  # QEMU (libvirt-qemu) keeps disks here
+        return self
+
+    def hang(self) -> None:
+        """I/O on the mount blocks from now on (the FUSE daemons are stopped)."""
+        self._paused = daemons(self.mountpoint)
+        assert self._paused, "no juicefs process found for the mount"
+        signal_all(self._paused, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        signal_all(self._paused, signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        self.resume()
+        cleanup_mounts(self.base)
+        self.remove()

@@ -14,7 +14,7 @@ import pytest
 from kvmagent.ha.killer import exiting, qemu_process
 from kvmagent.ha.probe import heartbeat_path
 
-from .jfs import JuiceFsVolume
+from .juicefs_kit import MountedVolume
 from .vmkit import boot_vm
 
 HOST = "0c3f9a6e5b7d4e2f9a1b2c3d4e5f6a7b"
@@ -23,7 +23,7 @@ FAST = {"interval": 1, "maxAttempts": 3, "storageCheckerTimeout": 1}
 
 @pytest.fixture
 def jfs():
-    volume = JuiceFsVolume().mount()
+    volume = MountedVolume().mount()
     yield volume
     volume.cleanup()
 
