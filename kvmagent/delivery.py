@@ -92,7 +92,10 @@ class Outbox:
     def submit(self, kind: str, url: str, body: dict[str, Any], headers: dict[str, str],
                ordered: bool = False) -> Message:
         msg = Message(kind=kind, url=url, headers=headers, body=body, ordered=ordered)
-        self.store.save(f"{OUTBOX}/{msg.id}", asdict(msg))
+        try:
+            self.store.save(f"{OUTBOX}/{msg.id}", asdict(msg))
+        except OSError as exc:  # e.g. a full disk: deliver from memory rather than not at all
+            log.error("%s not persisted (%s); delivering it without a restart guarantee", kind, exc)
         self._dispatch(msg)
         return msg
 

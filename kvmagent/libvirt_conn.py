@@ -114,10 +114,17 @@ class LibvirtManager:
 
     async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
                    what: str | None = None) -> T:
-        """Run ``fn(conn, *args)`` in the libvirt pool; a lost connection is dropped and reported."""
-        conn = await self.connection()
+        """Run ``fn(conn, *args)`` in the libvirt pool; a lost connection is dropped and reported.
+
+        ``timeout`` bounds the whole call, opening the connection included: a caller with a short
+        deadline (the fencer) must not queue behind a reconnect to a wedged libvirtd."""
+        timeout = timeout or self.call_timeout
         try:
-            return await self.runner.run(fn, conn, *args, timeout=timeout or self.call_timeout,
+            conn = await asyncio.wait_for(self.connection(), timeout)
+        except TimeoutError:
+            raise AgentError(f"libvirt did not answer: opening {self.uri} took over {timeout:g}s") from None
+        try:
+            return await self.runner.run(fn, conn, *args, timeout=timeout,
                                          pool="libvirt", what=what or getattr(fn, "__name__", None))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() in _CONNECTION_LOST and not self._alive(conn):

@@ -15,6 +15,7 @@ from kvmagent.vm.service import VmService
 plugin = Plugin("vm", "virtual machines on libvirt")
 
 SERVICE = "vm"
+PATH_CHECK_TIMEOUT = 15.0
 
 
 def service(ctx: AgentContext) -> VmService:
@@ -141,7 +142,10 @@ def build_domain(svc: VmService, cmd: StartVmCmd, domain_type: str) -> Domain:
 async def start_vm(ctx: AgentContext, cmd: StartVmCmd) -> StartVmRsp:
     """Define and start a VM; starting a running VM again succeeds without a second domain."""
     svc = service(ctx)
-    spec = build_domain(svc, cmd, await svc.domain_type())
+    domain_type = await svc.domain_type()
+    # realpath/exists on volumes touch primary storage, which may hang: never on the loop.
+    spec = await ctx.runner.run(build_domain, svc, cmd, domain_type, timeout=PATH_CHECK_TIMEOUT,
+                                what="checking the VM's volume and kernel paths")
     state = await svc.start_vm(spec)
     return StartVmRsp(vm_instance_uuid=cmd.vm_instance_uuid, state=state)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -19,6 +20,24 @@ from .vmkit import boot_vm
 
 HOST = "0c3f9a6e5b7d4e2f9a1b2c3d4e5f6a7b"
 FAST = {"interval": 1, "maxAttempts": 3, "storageCheckerTimeout": 1}
+
+
+@pytest.fixture
+def storages(workdir):
+    """``storages(name)``: a real file system (tmpfs) mounted in the work dir, unmounted after."""
+    made = []
+
+    def mount(name: str) -> Path:
+        path = workdir / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmagent-test", str(path)],
+                       check=True, timeout=30)
+        made.append(path)
+        return path
+
+    yield mount
+    for path in made:
+        subprocess.run(["umount", "-l", str(path)], timeout=30)
 
 
 @pytest.fixture
@@ -47,7 +66,6 @@ async def connected_agent(make_agent, mn, **config):
 
 async def beating_agent(make_agent, mn, storage: Path, ps_uuid: str):
     """An agent whose fencer on ``storage`` has written at least one heartbeat."""
-    storage.mkdir(exist_ok=True)
     agent = await connected_agent(make_agent, mn)
     await agent.call_async(mn, "/ha/selffencer/setup", setup_body({ps_uuid: storage}))
     await wait_beats(agent, ps_uuid, count=1)
@@ -88,13 +106,12 @@ async def ping_during(agent, stop: asyncio.Event) -> list[float]:
 @pytest.mark.juicefs
 @pytest.mark.parametrize("strategy", ["Permissive", "Force"])
 async def test_hung_storage_fences_the_right_vms_and_recovers(
-        ha_agent, mn, lv, guest_image, workdir, jfs, strategy):
+        ha_agent, mn, lv, guest_image, workdir, jfs, storages, strategy):
     ha_vm = await boot_vm(ha_agent, mn, lv, guest_image, workdir, enable_ha=True, disk_dir=jfs.mountpoint)
     plain_vm = await boot_vm(ha_agent, mn, lv, guest_image, workdir, enable_ha=False,
                              disk_dir=jfs.mountpoint)
     elsewhere = await boot_vm(ha_agent, mn, lv, guest_image, workdir, enable_ha=True)  # local disk
-    second = workdir / "ps2"
-    second.mkdir()
+    second = storages("ps2")
     reply = await ha_agent.call_async(mn, "/ha/selffencer/setup",
                                       setup_body({"ps-jfs": jfs.mountpoint, "ps-local": second}, strategy))
     assert reply["success"] is True and reply["outcome"] == {"ps-jfs": "started", "ps-local": "started"}
@@ -174,8 +191,8 @@ async def test_setup_replay_keeps_the_loop_and_changes_replace_it(make_agent, mn
     assert (await agent.call("/ha/selffencer/state"))["fencers"] == [] and replacement._task.done()
 
 
-async def test_fencers_survive_an_agent_restart(make_agent, mn, workdir):
-    storage = workdir / "ps"
+async def test_fencers_survive_an_agent_restart(make_agent, mn, storages):
+    storage = storages("ps")
     first = await beating_agent(make_agent, mn, storage, "ps-r")
     await first.client.close()
     hb = Path(heartbeat_path(str(storage), HOST))
@@ -187,8 +204,8 @@ async def test_fencers_survive_an_agent_restart(make_agent, mn, workdir):
     assert json.loads(hb.read_text())["heartbeat_time"] > stopped_at
 
 
-async def test_peer_heartbeat_check(make_agent, mn, workdir):
-    storage = workdir / "ps"
+async def test_peer_heartbeat_check(make_agent, mn, storages):
+    storage = storages("ps")
     agent = await beating_agent(make_agent, mn, storage, "ps-p")
     check = {"primaryStorageUuid": "ps-p", "targetHostUuid": HOST, "mountPath": str(storage),
              "interval": 1.2, "times": 3, "storageCheckerTimeout": 2}
@@ -226,6 +243,19 @@ async def test_permissive_kills_nothing_when_it_cannot_tell_which_vms_have_ha(ma
     report = await mn.wait_report("/kvm/reportselffencer", timeout=20)
     assert report["vmUuidsString"] == "" and report["fencerFailure"] is True
     assert "cannot tell which VMs use the storage" in report["reason"]
+
+
+async def test_an_unmounted_storage_fails_its_heartbeat_instead_of_writing_to_the_root_fs(
+        make_agent, mn, storages):
+    storage = storages("ps")
+    agent = await beating_agent(make_agent, mn, storage, "ps-gone")
+    subprocess.run(["umount", "-l", str(storage)], check=True, timeout=30)  # the NFS went away
+    report = await mn.wait_report("/kvm/reportstoragestatus",
+                                  lambda b: b["psStatus"] == "Disconnected", timeout=20)
+    assert "is on the root file system: the storage is not mounted" in report["reason"]
+    assert not (storage / "zs-heartbeat").exists(), "nothing may be written to the bare mount point"
+    state = (await fencer_states(agent))["ps-gone"]
+    assert state["state"] == "Fenced" and "not mounted" in state["lastError"]
 
 
 def test_a_stale_pid_file_never_kills_another_process(tmp_path):

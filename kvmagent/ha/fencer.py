@@ -70,7 +70,7 @@ class Fencer:
         self.cfg = cfg
         self.inventory = inventory
         self.status = FencerStatus()
-        self.probe = StorageProbe()
+        self.probe = StorageProbe(allow_root_fs=ctx.config.ha_allow_root_fs_storage)
         self._task: asyncio.Task | None = None
         self._fencing: asyncio.Task | None = None
         self._disconnected_reported = False
@@ -87,11 +87,21 @@ class Fencer:
             await asyncio.gather(self._task, return_exceptions=True)
         self.status.state = STOPPED
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            await self.beat()
+            try:
+                await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a fencer must never stop watching its storage
+                log.exception("selffencer %s: heartbeat round failed unexpectedly", self.cfg.ps_uuid)
+                self.status.last_error = "internal error in the heartbeat round; see the agent log"
             await asyncio.sleep(max(0.0, self.cfg.interval - (loop.time() - started)))
 
     async def beat(self) -> None:
@@ -184,7 +194,7 @@ class FencerManager:
         async with self._lock:
             for cfg in configs:
                 current = self.fencers.get(cfg.ps_uuid)
-                if current is not None and current.cfg == cfg:
+                if current is not None and current.cfg == cfg and current.running:
                     outcome[cfg.ps_uuid] = "unchanged"
                     continue
                 if current is not None:

@@ -98,15 +98,18 @@ def kill_process(name: str, wait: float) -> tuple[bool, str]:
 async def kill_vm(ctx: AgentContext, name: str, libvirt_timeout: float = 3.0,
                   kill_wait: float = 3.0) -> tuple[bool, str]:
     """Make VM ``name`` stop running guest code. (stopped, note)."""
-    try:
-        await ctx.libvirt.call(_destroy, name, timeout=libvirt_timeout, what=f"destroying {name}")
-        return True, ""
-    except (AgentError, libvirt.libvirtError) as exc:
-        log.warning("fencer: libvirt could not destroy %s (%s); killing its qemu process", name, exc)
+    if ctx.libvirt.available:
+        try:
+            await ctx.libvirt.call(_destroy, name, timeout=libvirt_timeout, what=f"destroying {name}")
+            return True, ""
+        except (AgentError, libvirt.libvirtError) as exc:
+            log.warning("fencer: libvirt could not destroy %s (%s); killing its qemu", name, exc)
+    else:
+        log.warning("fencer: libvirt is down; killing the qemu of %s directly", name)
     try:
         return await ctx.runner.run(kill_process, name, kill_wait, timeout=kill_wait + 5,
                                     what=f"killing qemu of {name}")
-    except (AgentError, OSError) as exc:
+    except (AgentError, OSError, psutil.Error) as exc:
         return False, f"cannot kill qemu of {name}: {exc}"
 
 

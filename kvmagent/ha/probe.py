@@ -18,10 +18,20 @@ from dataclasses import dataclass
 
 HEARTBEAT_DIR = "zs-heartbeat"
 
+# The storage must really be there: a mount point whose file system is gone (unmounted, or
+# lazily unmounted) is a plain directory on the root file system, and a heartbeat written there
+# would hide the outage from this host while peers see it stop. Only the heartbeat directory
+# is ever created, never the mount path.
 _WRITE = r"""
 import os, sys
-directory, name, data = sys.argv[1], sys.argv[2], sys.argv[3].encode()
-os.makedirs(directory, exist_ok=True)
+mount, directory, name, data, allow_root = sys.argv[1:6]
+data = data.encode()
+if allow_root != "1" and os.stat(mount).st_dev == os.stat("/").st_dev:
+    sys.exit(f"{mount} is on the root file system: the storage is not mounted")
+try:
+    os.mkdir(directory)
+except FileExistsError:
+    pass
 tmp = os.path.join(directory, "." + name + ".tmp")
 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 try:
@@ -58,7 +68,8 @@ class ProbeResult:
 class StorageProbe:
     """Runs one I/O child at a time for one storage."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow_root_fs: bool = False) -> None:
+        self.allow_root_fs = allow_root_fs
         self._stuck: asyncio.subprocess.Process | None = None
 
     @property
@@ -70,8 +81,9 @@ class StorageProbe:
     async def write_heartbeat(self, mount_path: str, host_uuid: str, vm_uuids: list[str],
                               timeout: float) -> ProbeResult:
         payload = json.dumps({"heartbeat_time": time.time(), "vm_uuids": sorted(vm_uuids)})
-        return await self._run([_WRITE, os.path.join(mount_path, HEARTBEAT_DIR),
-                                heartbeat_name(host_uuid), payload], timeout)
+        return await self._run([_WRITE, mount_path, os.path.join(mount_path, HEARTBEAT_DIR),
+                                heartbeat_name(host_uuid), payload,
+                                "1" if self.allow_root_fs else "0"], timeout)
 
     async def read(self, path: str, timeout: float) -> ProbeResult:
         return await self._run([_READ, path], timeout)
