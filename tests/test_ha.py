@@ -258,6 +258,21 @@ async def test_an_unmounted_storage_fails_its_heartbeat_instead_of_writing_to_th
     assert state["state"] == "Fenced" and "not mounted" in state["lastError"]
 
 
+async def test_connected_is_reported_even_when_the_agent_restarted_during_the_outage(
+        make_agent, mn, storages):
+    storage = storages("ps")
+    first = await beating_agent(make_agent, mn, storage, "ps-o")
+    subprocess.run(["umount", "-l", str(storage)], check=True, timeout=30)
+    await mn.wait_report("/kvm/reportstoragestatus", lambda b: b["psStatus"] == "Disconnected",
+                         timeout=20)
+    await first.client.close()
+    subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(storage)], check=True, timeout=30)
+    await make_agent()  # restores the fencer, which must remember the MN was told Disconnected
+    connected = await mn.wait_report("/kvm/reportstoragestatus",
+                                     lambda b: b["psStatus"] == "Connected", timeout=20)
+    assert connected["psUuids"] == ["ps-o"]
+
+
 def test_a_stale_pid_file_never_kills_another_process(tmp_path):
     """The fencer's libvirt-less kill only hits a QEMU whose command line names the domain."""
     name = uuidlib.uuid4().hex

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -65,7 +66,8 @@ class FencerStatus:
 
 
 class Fencer:
-    def __init__(self, ctx: AgentContext, cfg: FencerConfig, inventory: VmInventory):
+    def __init__(self, ctx: AgentContext, cfg: FencerConfig, inventory: VmInventory, *,
+                 disconnected_reported: bool = False, on_change: Callable[[], None] = lambda: None):
         self.ctx = ctx
         self.cfg = cfg
         self.inventory = inventory
@@ -73,7 +75,10 @@ class Fencer:
         self.probe = StorageProbe(allow_root_fs=ctx.config.ha_allow_root_fs_storage)
         self._task: asyncio.Task | None = None
         self._fencing: asyncio.Task | None = None
-        self._disconnected_reported = False
+        # The MN was told Disconnected and not yet Connected: persisted (via on_change), so a
+        # recovery after an agent restart or a replaced fencer is still reported.
+        self.disconnected_reported = disconnected_reported
+        self._on_change = on_change
 
     def start(self) -> None:
         self._task = self.ctx.spawn(self._loop(), name=f"selffencer {self.cfg.ps_uuid}")
@@ -111,11 +116,12 @@ class Fencer:
                                                   cfg.storage_checker_timeout)
         status = self.status
         if result.ok:
-            recovered = status.state in (FAILING, FENCED) or self._disconnected_reported
+            recovered = status.state in (FAILING, FENCED) or self.disconnected_reported
             status.state, status.consecutive_failures = HEALTHY, 0
             status.last_heartbeat_at, status.last_error, status.failing_since = time.time(), None, None
-            if self._disconnected_reported:
-                self._disconnected_reported = False
+            if self.disconnected_reported:
+                self.disconnected_reported = False
+                self._on_change()
                 self.ctx.reporter.report("/kvm/reportstoragestatus", {
                     "psUuids": [cfg.ps_uuid], "psStatus": "Connected",
                     "reason": f"heartbeat on {cfg.mount_path} succeeds again"})
@@ -138,7 +144,8 @@ class Fencer:
         cfg = self.cfg
         reason = (f"{cfg.max_attempts} consecutive heartbeat failures on {cfg.mount_path}: {error}")
         self.status.fenced_at = time.time()
-        self._disconnected_reported = True
+        self.disconnected_reported = True
+        self._on_change()
         self.ctx.reporter.report("/kvm/reportstoragestatus", {
             "psUuids": [cfg.ps_uuid], "psStatus": "Disconnected", "reason": reason})
         records, source = await self.inventory.current()
@@ -178,11 +185,14 @@ class FencerManager:
         self.inventory = VmInventory(ctx)
         self.inventory_refresh = inventory_refresh
         self.fencers: dict[str, Fencer] = {}
+        self._restored_disconnected: set[str] = set()
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task | None = None
 
     async def restore(self) -> None:
-        configs = [FencerConfig(**doc) for doc in self.ctx.state.load(STATE_DOC, []) or []]
+        docs = self.ctx.state.load(STATE_DOC, []) or []
+        self._restored_disconnected = {d["ps_uuid"] for d in docs if d.pop("disconnected", False)}
+        configs = [FencerConfig(**doc) for doc in docs]
         if configs:
             log.info("restoring %d self-fencer(s): %s", len(configs),
                      ", ".join(c.ps_uuid for c in configs))
@@ -199,7 +209,10 @@ class FencerManager:
                     continue
                 if current is not None:
                     await current.stop()
-                fencer = Fencer(self.ctx, cfg, self.inventory)
+                disconnected = (current.disconnected_reported if current is not None
+                                else cfg.ps_uuid in self._restored_disconnected)
+                fencer = Fencer(self.ctx, cfg, self.inventory, on_change=self._persist,
+                                disconnected_reported=disconnected)
                 self.fencers[cfg.ps_uuid] = fencer
                 fencer.start()
                 outcome[cfg.ps_uuid] = "replaced" if current else "started"
@@ -230,7 +243,12 @@ class FencerManager:
             self._refresher.cancel()
 
     def _persist(self) -> None:
-        self.ctx.state.save(STATE_DOC, [asdict(f.cfg) for f in self.fencers.values()])
+        docs = [{**asdict(f.cfg), "disconnected": f.disconnected_reported}
+                for f in self.fencers.values()]
+        try:
+            self.ctx.state.save(STATE_DOC, docs)
+        except OSError as exc:  # the loops go on; only the restart guarantee is weakened
+            log.error("self-fencer configs not persisted: %s", exc)
 
     def _ensure_refresher(self) -> None:
         if self._refresher is None or self._refresher.done():

@@ -18,6 +18,7 @@ import libvirt
 
 from ..context import AgentContext
 from ..errors import AgentError
+from ..vm.config import HA_NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ class VmRecord:
     active: bool
 
 
-def storage_paths(domain_xml: str) -> tuple[str, ...]:
+def storage_paths(root: ET.Element) -> tuple[str, ...]:
     """Files and block devices behind a domain's disks."""
-    root = ET.fromstring(domain_xml)
     paths = []
     for source in root.iterfind("./devices/disk/source"):
         value = source.get("file") or source.get("dev") or source.get("dir")
@@ -46,11 +46,20 @@ def under(path: str, mount: str) -> bool:
     return path == mount or path.startswith(mount.rstrip("/") + "/")
 
 
-def read_inventory(conn: libvirt.virConnect) -> dict[str, tuple[tuple[str, ...], bool]]:
+def ha_flag(root: ET.Element) -> bool:
+    """The enableHa flag from the domain's own metadata (see kvmagent.vm.config)."""
+    element = root.find(f"./metadata/{{{HA_NAMESPACE}}}vm")
+    return element is not None and element.get("enableHa") == "true"
+
+
+def read_inventory(conn: libvirt.virConnect) -> dict[str, VmRecord]:
+    """Running domains with their disks and HA flag, all from one XML read per domain."""
     result = {}
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         try:
-            result[dom.name()] = (storage_paths(dom.XMLDesc(0)), bool(dom.isActive()))
+            root = ET.fromstring(dom.XMLDesc(0))
+            name = dom.name()
+            result[name] = VmRecord(name, storage_paths(root), ha_flag(root), bool(dom.isActive()))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
@@ -65,12 +74,8 @@ class VmInventory:
         self.taken_at: float | None = None
 
     async def refresh(self) -> dict[str, VmRecord]:
-        vm_service = self.ctx.services.get("vm")
-        domains = await self.ctx.libvirt.call(read_inventory, timeout=self.refresh_timeout,
-                                              what="reading VM disks")
-        flags = await vm_service.ha_flags() if vm_service else {}
-        self.snapshot = {uuid: VmRecord(uuid, paths, flags.get(uuid, False), active)
-                         for uuid, (paths, active) in domains.items()}
+        self.snapshot = await self.ctx.libvirt.call(read_inventory, timeout=self.refresh_timeout,
+                                                    what="reading VM disks")
         self.taken_at = time.time()
         return self.snapshot
 

@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from ..context import AgentContext
+from ..errors import AgentError
 from ..lazy import lazy_import
 
 pyroute2 = lazy_import("pyroute2")  # loaded when the first network group is watched
@@ -68,7 +69,12 @@ class NetworkGroupMonitor:
         doc = self.ctx.state.load(STATE_DOC)
         if doc and doc.get("groups"):
             self.config = Config.from_doc(doc)
-            await self._ensure_watching()
+            try:
+                await self._ensure_watching()
+            except TimeoutError:  # keep starting: fencers and VMs matter more; it keeps trying
+                log.error("network groups: netlink not ready within 10s (netns %s); the watch "
+                          "keeps retrying in the background", self.netns or "host")
+                return
             self._report(force=True)  # the MN gets the full picture once after a restart
 
     async def setup(self, groups: list[Group], vm_groups: dict[str, list[str]]) -> None:
@@ -77,7 +83,11 @@ class NetworkGroupMonitor:
                 self.config.groups[group.uuid] = group
             self.config.vm_groups.update(vm_groups)
             self._persist()
-            await self._ensure_watching()
+            try:
+                await self._ensure_watching()
+            except TimeoutError:
+                raise AgentError(f"cannot watch links in network namespace {self.netns or 'host'}: "
+                                 "netlink did not answer within 10s") from None
             self._report()
 
     async def cancel(self, uuids: list[str]) -> None:

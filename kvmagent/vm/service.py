@@ -89,6 +89,7 @@ class VmService:
         self.ctx = ctx
         self.config = ctx.config
         self._ha: dict[str, bool] | None = None
+        self._ha_generation = 0
         self._known: dict[str, str] = {}  # the state the MN last learned, per VM
         self._debounce: dict[str, asyncio.TimerHandle] = {}
         self._domain_type: str | None = None
@@ -161,8 +162,7 @@ class VmService:
 
             state, created = await self.call(start, timeout=max(self.config.libvirt_call_timeout, 120))
             self._set_known(spec.name, state)
-            if self._ha is not None:
-                self._ha[spec.name] = spec.enable_ha
+            self._flag_changed(spec.name, spec.enable_ha)
             log.info("VM %s %s (%s)", spec.name, "started" if created else "already running", state)
             return state
 
@@ -233,8 +233,11 @@ class VmService:
 
     # -- HA flag ----------------------------------------------------------------------------
     async def ha_flags(self) -> dict[str, bool]:
-        """VM uuid -> enableHa for every domain on the host (the HA plugin reads this)."""
-        if self._ha is None:
+        """VM uuid -> enableHa for every domain on the host (network groups read this)."""
+        while self._ha is None:
+            # A flag written (by us or anyone: metadata event) while we read makes what we
+            # read stale: then read again rather than cache an old value.
+            generation = self._ha_generation
             names: list[str] = await self.call(lambda c: [d.name() for d in c.listAllDomains()])
 
             def read(conn: libvirt.virConnect, part: list[str]) -> dict[str, bool]:
@@ -249,8 +252,18 @@ class VmService:
 
             parts = await asyncio.gather(*(self.call(read, p) for p in
                                            chunks(names, self.config.libvirt_workers)))
-            self._ha = {k: v for part in parts for k, v in part.items()}
+            if generation == self._ha_generation:
+                self._ha = {k: v for part in parts for k, v in part.items()}
         return dict(self._ha)
+
+    def _flag_changed(self, name: str, enable: bool | None) -> None:
+        """Record a flag change (None: the domain is gone) in the cache and its generation."""
+        self._ha_generation += 1
+        if self._ha is not None:
+            if enable is None:
+                self._ha.pop(name, None)
+            else:
+                self._ha[name] = enable
 
     async def ha_enabled_vms(self) -> set[str]:
         return {uuid for uuid, on in (await self.ha_flags()).items() if on}
@@ -259,8 +272,7 @@ class VmService:
         async with self.lock(uuid):
             dom = await self._running_domain(uuid)
             await self.call(lambda c: write_ha_flag(dom, enable))
-            if self._ha is not None:
-                self._ha[uuid] = enable
+            self._flag_changed(uuid, enable)
 
     async def reconcile_ha(self, wanted: set[str]) -> tuple[list[str], list[str], list[str]]:
         """Make exactly ``wanted`` HA-enabled; returns (enabled, disabled, missing)."""
@@ -282,22 +294,22 @@ class VmService:
         parts = await asyncio.gather(*(self.call(apply, p) for p in
                                        chunks(changes, self.config.libvirt_workers)))
         applied = [c for part in parts for c in part]
-        if self._ha is not None:
-            self._ha.update(dict(applied))
+        for name, enable in applied:
+            self._flag_changed(name, enable)
         return (sorted(u for u, on in applied if on), sorted(u for u, on in applied if not on),
                 missing)
 
     # -- events and reports -----------------------------------------------------------------
     def _on_lifecycle(self, uuid: str, name: str, args: tuple) -> None:
         event = args[0] if args else None
-        if event in (libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED) \
-                and self._ha is not None:
+        if event in (libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED):
+            self._ha_generation += 1
             self.ctx.spawn(self._refresh_flag(name), name=f"ha-flag {name}")
         self._schedule_check(name)
 
     def _on_metadata(self, uuid: str, name: str, args: tuple) -> None:
-        if self._ha is not None:
-            self.ctx.spawn(self._refresh_flag(name), name=f"ha-flag {name}")
+        self._ha_generation += 1
+        self.ctx.spawn(self._refresh_flag(name), name=f"ha-flag {name}")
 
     async def _refresh_flag(self, name: str) -> None:
         def read(conn: libvirt.virConnect) -> bool | None:
@@ -308,11 +320,7 @@ class VmService:
         except AgentError:
             self._ha = None
             return
-        if self._ha is not None:
-            if flag is None:
-                self._ha.pop(name, None)
-            else:
-                self._ha[name] = flag
+        self._flag_changed(name, flag)
 
     def _schedule_check(self, name: str) -> None:
         old = self._debounce.pop(name, None)
@@ -326,7 +334,8 @@ class VmService:
     async def _check_and_report(self, name: str) -> None:
         self._debounce.pop(name, None)
         if self.ctx.locks.locked("vm", name):
-            return  # a command is working on it; its result tells the MN
+            self._schedule_check(name)  # a command is working on it: look again afterwards
+            return
         state = (await self.states_of([name]))[name]
         self._report_if_changed(name, state)
 
