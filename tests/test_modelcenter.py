@@ -38,6 +38,8 @@ def uid() -> str:
     (f"juicefs://mysql://user:{SECRET}@(db:3306)/jfs", "juicefs", "mysql://user@(db:3306)/jfs",
      SECRET),
     ("juicefs://redis://:p%40ss@h/2", "juicefs", "redis://h/2", "p@ss"),
+    ("juicefs://mysql://u:p@ss@(h)/db", "juicefs", "mysql://u@(h)/db", "p@ss"),
+    ("zdfs://redis://:p/ss@h:6379/1", "juicefs", "redis://h:6379/1", "p/ss"),
     ("nfs://filer.example.com/export/models", "nfs", None, None),
     ("file:///srv/models", "file", None, None),
 ])
@@ -58,6 +60,32 @@ def test_storage_urls_that_parse(url, kind, meta, password):
 ])
 def test_storage_urls_refused_without_echoing_them(url):
     with pytest.raises(StorageUrlError) as err:
+        parse_storage_url(url)
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("url, masked", [
+    (f"juicefs://mysql://u:{SECRET}@x@(h)/db", "juicefs://mysql://u:***@(h)/db"),
+    (f"zdfs://redis://:{SECRET}/x@h:6379/1", "zdfs://redis://:***@h:6379/1"),
+    (f"zdfs://redis://:{SECRET}@@h:6379/1", "zdfs://redis://:***@h:6379/1"),
+    (f"juicefs://etcd://u:a/{SECRET}@b@h1,h2/jfs", "juicefs://etcd://u:***@h1,h2/jfs"),
+])
+def test_masked_url_holds_no_part_of_a_password_with_at_or_slash(url, masked):
+    parsed = parse_storage_url(url)
+    assert parsed.masked == masked
+    for part in (SECRET, "x@", "/x", "a/", "@b"):
+        assert part not in parsed.masked and part not in parsed.meta_url
+    assert SECRET in parsed.meta_password
+
+
+@pytest.mark.parametrize("url", [
+    f"juicefs://postgres://u@h/db?sslmode=disable&password={SECRET}",
+    f"juicefs://redis://h:6379/1?Password={SECRET}",
+    f"juicefs://mysql://u@(h)/db?auth_token={SECRET}",
+    f"juicefs://sqlite3:///var/x.db?secret={SECRET}",
+])
+def test_credentials_in_query_parameters_are_refused_without_echoing_them(url):
+    with pytest.raises(StorageUrlError, match="user-info") as err:
         parse_storage_url(url)
     assert SECRET not in str(err.value)
 

@@ -39,7 +39,10 @@ META_SCHEMES = frozenset({
 _PATH_ENGINES = frozenset({"sqlite3", "badger"})
 
 _SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$", re.S)
-_USERINFO = re.compile(r"^(?P<user>[^:@/]*):(?P<pw>[^@]*)@(?P<rest>.+)$", re.S)
+_USER = re.compile(r"^[^:@/?#]*$")
+# Query parameters that would carry a credential in argv (juicefs takes only the user-info
+# password from META_PASSWORD).
+_SECRET_PARAM = re.compile(r"(?i)(pass|pwd|secret|token|credential|auth)")
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _EXPORT_CHARS = re.compile(r"^/[A-Za-z0-9._~/@+=%-]*$")
@@ -56,6 +59,7 @@ class StorageUrl:
     # juicefs/zdfs
     meta_url: str | None = None  # without the password
     meta_password: str | None = field(default=None, repr=False)
+    masked_text: str | None = field(default=None, repr=False, compare=False)
     # nfs
     host: str | None = None
     port: int | None = None
@@ -66,7 +70,12 @@ class StorageUrl:
 
     @property
     def masked(self) -> str:
-        """The URL with any credential masked, fit for logs and replies."""
+        """The URL with any credential masked, fit for logs and replies.
+
+        Built from the parsed parts (the password replaced by ``***``), so no part of a
+        password with unusual characters (``@``, ``/``) can survive a pattern match."""
+        if self.kind == "juicefs":
+            return self.masked_text or ""
         return mask_text(self.original)
 
     @property
@@ -92,8 +101,43 @@ def _clean_abs_path(path: str, what: str) -> str:
     return path.rstrip("/") or "/"
 
 
+def _split_userinfo(rest: str) -> tuple[str | None, str | None, str]:
+    """(user, password, address) of ``[user[:password]@]address``.
+
+    The user-info ends at the LAST ``@``, so a password may itself hold ``@`` or ``/``
+    (``mysql://u:p@ss@(h)/db`` has password ``p@ss``). An ``@`` after the host, in a query
+    value, must be percent-encoded.
+    """
+    at = rest.rfind("@")
+    if at < 0:
+        return None, None, rest
+    userinfo, address = rest[:at], rest[at + 1:]
+    user, colon, password = userinfo.partition(":")
+    if not _USER.match(user):
+        if not colon and ("/" in userinfo or "?" in userinfo):
+            return None, None, rest  # no user-info: the '@' is in a path or query
+        raise StorageUrlError("the metadata URL has an invalid user name")
+    return user, (password if colon else None), address
+
+
+def _check_query(query: str, engine: str) -> None:
+    for item in query.split("&"):
+        key = unquote(item.partition("=")[0])
+        if _SECRET_PARAM.search(key):
+            raise StorageUrlError(
+                f"the {engine} metadata URL passes a credential as the query parameter "
+                f"{key[:32]!r}; put the password in the user-info (user:password@host) "
+                f"instead: it reaches juicefs through META_PASSWORD, never its argv")
+
+
 def parse_meta_url(meta: str) -> tuple[str, str | None]:
     """(meta URL without its password, password or None) of a JuiceFS metadata URL."""
+    meta_url, password, _ = _parse_meta(meta)
+    return meta_url, password
+
+
+def _parse_meta(meta: str) -> tuple[str, str | None, str]:
+    """(meta URL without password, password or None, masked meta URL)."""
     if meta.startswith("-"):
         raise StorageUrlError("the metadata URL must not start with '-'")
     m = _SCHEME.match(meta)
@@ -106,20 +150,23 @@ def parse_meta_url(meta: str) -> tuple[str, str | None]:
     if not rest:
         raise StorageUrlError(f"the {engine} metadata URL has no address")
     if engine in _PATH_ENGINES:
-        path = rest.split("?", 1)[0]
+        path, _, query = rest.partition("?")
         _clean_abs_path(path, f"the {engine} database path")
         if path == "/":
             raise StorageUrlError(f"the {engine} database path must name a file")
-        return meta, None
-    password = None
-    u = _USERINFO.match(rest)
-    if u:
-        password = unquote(u["pw"]) or None
-        user = u["user"]
-        rest = f"{user}@{u['rest']}" if user else u["rest"]
-    if rest.startswith(("-", "@")) or rest.startswith("/") and engine != "unix":
+        if query:
+            _check_query(query, engine)
+        return meta, None, meta
+    user, pw, address = _split_userinfo(rest)
+    password = (unquote(pw) or None) if pw is not None else None
+    if "?" in address:
+        _check_query(address.partition("?")[2], engine)
+    if not address or address.startswith(("-", "@")) or \
+            address.startswith("/") and engine != "unix":
         raise StorageUrlError(f"the {engine} metadata URL has no valid address")
-    return f"{engine}://{rest}", password
+    plain = f"{user}@{address}" if user else address
+    shown = f"{user or ''}:***@{address}" if password is not None else plain
+    return f"{engine}://{plain}", password, f"{engine}://{shown}"
 
 
 def parse_storage_url(url: str) -> StorageUrl:
@@ -130,8 +177,9 @@ def parse_storage_url(url: str) -> StorageUrl:
                               "nfs://host/export or file:///dir")
     scheme, rest = m["scheme"].lower(), m["rest"]
     if scheme in ("juicefs", "zdfs"):
-        meta, password = parse_meta_url(rest)
-        return StorageUrl("juicefs", scheme, meta_url=meta, meta_password=password, original=url)
+        meta, password, masked = _parse_meta(rest)
+        return StorageUrl("juicefs", scheme, meta_url=meta, meta_password=password,
+                          masked_text=f"{scheme}://{masked}", original=url)
     if scheme == "nfs":
         return _parse_nfs(rest, url)
     if scheme == "file":
