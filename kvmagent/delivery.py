@@ -1,8 +1,9 @@
 """Delivery of callbacks and reports to the MN: persisted, retried with backoff, bounded.
 
 Every message goes through an outbox under the state dir before the first attempt, so a
-result survives an agent restart and an MN outage. Reports to one URL are delivered in order
-(a VM's Stopped must not overtake its Running); callbacks are independent of each other.
+result survives an agent restart and an MN outage. Reports of one stream (one VM's states, one
+storage's status) are delivered in order, so a VM's Stopped never overtakes its Running, while
+a report the MN keeps refusing holds up only its own stream; callbacks are independent.
 A message that cannot be delivered within the retry window is logged, counted and kept under
 ``undelivered/`` for a human; a 4xx answer is final (retrying would not change it).
 """
@@ -36,7 +37,7 @@ class Message:
     url: str
     headers: dict[str, str]
     body: dict[str, Any]
-    ordered: bool = False
+    stream: str | None = None  # messages of one stream are delivered in order
     created: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
 
@@ -68,6 +69,7 @@ class Outbox:
             doc = self.store.load(name)
             if not doc:
                 continue
+            doc.pop("ordered", None)  # written by an older agent
             self._dispatch(Message(**doc))
             restored += 1
         if restored:
@@ -90,8 +92,8 @@ class Outbox:
         return result
 
     def submit(self, kind: str, url: str, body: dict[str, Any], headers: dict[str, str],
-               ordered: bool = False) -> Message:
-        msg = Message(kind=kind, url=url, headers=headers, body=body, ordered=ordered)
+               stream: str | None = None) -> Message:
+        msg = Message(kind=kind, url=url, headers=headers, body=body, stream=stream)
         try:
             self.store.save(f"{OUTBOX}/{msg.id}", asdict(msg))
         except OSError as exc:  # e.g. a full disk: deliver from memory rather than not at all
@@ -115,13 +117,14 @@ class Outbox:
         self._pending += 1
         self._idle.clear()
         self.metrics.deliveries_pending.set(self._pending)
-        if not msg.ordered:
+        if msg.stream is None:
             self._spawn(self._deliver_one(msg))
             return
-        queue = self._queues.get(msg.url)
+        key = f"{msg.url} {msg.stream}"
+        queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[msg.url] = asyncio.Queue()
-            self._spawn(self._ordered_worker(msg.url, queue))
+            queue = self._queues[key] = asyncio.Queue()
+            self._spawn(self._ordered_worker(key, queue))
         queue.put_nowait(msg)
 
     def _spawn(self, coro) -> None:
@@ -129,7 +132,7 @@ class Outbox:
         self._workers.add(task)
         task.add_done_callback(self._workers.discard)
 
-    async def _ordered_worker(self, url: str, queue: asyncio.Queue[Message]) -> None:
+    async def _ordered_worker(self, key: str, queue: asyncio.Queue[Message]) -> None:
         try:
             while True:
                 try:
@@ -141,8 +144,8 @@ class Outbox:
                 await self._deliver_one(msg)
         finally:
             # Messages still queued at shutdown stay in the outbox for the next start.
-            if self._queues.get(url) is queue:
-                del self._queues[url]
+            if self._queues.get(key) is queue:
+                del self._queues[key]
 
     async def _deliver_one(self, msg: Message) -> None:
         try:

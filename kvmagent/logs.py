@@ -12,8 +12,10 @@ from typing import Any
 
 MASK = "***"
 
-# scheme://user:password@host  and  scheme://:password@host (redis)
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+# scheme://user:password@host and scheme://:password@host (redis). The password runs to the
+# last '@' of the URL (unencoded passwords hold '/' and '@'); over-masking is the safe side.
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?!//)(?P<pw>[^\s]*)@")
 _KEY_VALUE = re.compile(
     r"(?i)(?P<key>\b(?:password|passwd|secret|token|access[-_]?key|secret[-_]?key|authorization)"
     r"[\"']?\s*[:=]\s*[\"']?)(?P<val>(?:Bearer\s+)?[^\s,\"'&}]+)"

@@ -47,6 +47,8 @@ class Reporter:
             log.warning("report %s not sent: no MN connected yet (no sendCommandUrl): %s",
                         commandpath, body)
             return False
-        self.outbox.submit("report", url, body, {"commandpath": commandpath}, ordered=True)
+        resource = body.get("vmUuid") or ",".join(body.get("psUuids") or [])
+        self.outbox.submit("report", url, body, {"commandpath": commandpath},
+                           stream=f"{commandpath} {resource}")
         log.info("report %s queued: %s", commandpath, body)
         return True

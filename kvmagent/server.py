@@ -98,7 +98,7 @@ async def command_handler(request: web.Request) -> web.Response:
     if cmd.mode is ASYNC and callbackurl:
         if not taskuuid or not valid_taskuuid(taskuuid):
             return reply(failure("header 'taskuuid' is required with 'callbackurl' and must be "
-                                 "1-128 characters of [A-Za-z0-9._:-]").body, 400)
+                                 "1-128 characters of [A-Za-z0-9._-]").body, 400)
         tasks.accept(cmd, raw, taskuuid, callbackurl)
         return reply({"success": True, "error": None})
 

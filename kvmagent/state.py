@@ -28,7 +28,7 @@ class StateStore:
         parts = name.split("/")
         if not all(_NAME.match(p) for p in parts):
             raise ValueError(f"invalid state document name {name!r}")
-        return self.root.joinpath(*parts).with_suffix(".json")
+        return self.root.joinpath(*parts[:-1], parts[-1] + ".json")  # "job.1" stays "job.1.json"
 
     def load(self, name: str, default: Any = None) -> Any:
         path = self._path(name)
@@ -40,13 +40,13 @@ class StateStore:
         except (OSError, ValueError) as exc:
             # A corrupt document must not stop the agent; keep it aside for a human.
             log.error("state document %s unreadable (%s); moved aside", path, exc)
-            os.replace(path, path.with_suffix(".corrupt"))
+            os.replace(path, path.with_name(path.name + ".corrupt"))
             return default
 
     def save(self, name: str, data: Any) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(data, fh, indent=1, sort_keys=True)
@@ -78,4 +78,4 @@ class StateStore:
         directory = self.root / folder
         if not directory.is_dir():
             return []
-        return sorted(f"{folder}/{p.stem}" for p in directory.glob("*.json"))
+        return sorted(f"{folder}/{p.name[:-5]}" for p in directory.glob("*.json"))

@@ -18,7 +18,7 @@ from .plugin import Command
 log = logging.getLogger(__name__)
 
 JOURNAL = "tasks"
-_TASKUUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_TASKUUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a state document name
 
 
 def valid_taskuuid(taskuuid: str) -> bool:

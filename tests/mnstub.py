@@ -23,6 +23,7 @@ class MNStub:
     reports: list[Received] = field(default_factory=list)
     fail_next: int = 0  # answer 503 to this many more requests
     fail_status: int = 503
+    refuse_commandpath: str | None = None  # answer 503 to every report with this commandpath
     attempts: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -39,6 +40,8 @@ class MNStub:
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=self.fail_status, text="failing on purpose")
+        if self.refuse_commandpath and request.headers.get("commandpath") == self.refuse_commandpath:
+            return web.Response(status=503, text="refusing this report on purpose")
         entry = Received(request.path, dict(request.headers), json.loads(await request.read()))
         (self.callbacks if request.path == "/callback" else self.reports).append(entry)
         async with self._changed:

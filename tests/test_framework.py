@@ -166,6 +166,33 @@ async def test_duplicate_taskuuid_in_flight_is_not_run_twice(make_agent, mn, run
     assert len(mn.callbacks_for("t-dup")) == 1
 
 
+async def test_dotted_taskuuids_are_journaled_apart(make_agent, mn, runs):
+    gate = asyncio.Event()
+    agent = await make_agent(plugins=[make_test_plugin(runs, gate)])
+    for taskuuid in ("job.1", "job.2"):
+        status, _ = await agent.post("/test/async", {"vmInstanceUuid": taskuuid},
+                                     headers={"taskuuid": taskuuid, "callbackurl": mn.callback_url})
+        assert status == 200
+    assert agent.ctx.state.names("tasks") == ["tasks/job.1", "tasks/job.2"]
+    gate.set()
+    assert (await mn.wait_callback("job.1"))["vmInstanceUuid"] == "job.1"
+    assert (await mn.wait_callback("job.2"))["vmInstanceUuid"] == "job.2"
+
+
+async def test_a_refused_report_holds_up_only_its_own_stream(make_agent, mn):
+    agent = await make_agent(delivery_retry_window=60)
+    await agent.call("/host/connect", {"hostUuid": "h1", "sendCommandUrl": mn.send_command_url})
+    mn.refuse_commandpath = "/kvm/reportvmstate"
+    agent.ctx.reporter.report("/kvm/reportvmstate", {"vmUuid": "v1", "vmState": "Running"})
+    agent.ctx.reporter.report("/kvm/reportvmstate", {"vmUuid": "v1", "vmState": "Stopped"})
+    agent.ctx.reporter.report("/kvm/reportselffencer", {"psUuids": ["ps1"], "vmUuidsString": "v2"})
+    await mn.wait_report("/kvm/reportselffencer")
+    assert mn.reports_for("/kvm/reportvmstate") == []
+    mn.refuse_commandpath = None
+    await mn.wait_report("/kvm/reportvmstate", lambda b: b["vmState"] == "Stopped")
+    assert [b["vmState"] for b in mn.reports_for("/kvm/reportvmstate")] == ["Running", "Stopped"]
+
+
 async def test_callback_retried_until_the_mn_accepts(tagent, mn):
     mn.fail_next = 3
     body = await tagent.call_async(mn, "/test/async", {"vmInstanceUuid": "r"}, taskuuid="t-retry")
@@ -240,6 +267,9 @@ async def test_secrets_never_reach_the_log(tagent, caplog):
     ("juicefs://redis://user:pw@host:6379/1", "juicefs://redis://user:***@host:6379/1"),
     ("mysql://root:p%40ss@(127.0.0.1:3306)/db", "mysql://root:***@(127.0.0.1:3306)/db"),
     ("nfs://host/export", "nfs://host/export"),
+    ("redis://:ab/cd@host:6379/1", "redis://:***@host:6379/1"),  # '/' in the password
+    ("juicefs://mysql://u:p@ss@(h)/db", "juicefs://mysql://u:***@(h)/db"),  # '@' in it
+    ("two urls http://a:b@c/d and redis://:e@f", "two urls http://a:***@c/d and redis://:***@f"),
     ("--secret-key=abc123 --access-key=AK", "--secret-key=*** --access-key=***"),
     ("Authorization: Bearer tok", "Authorization: ***"),
 ])
