@@ -42,6 +42,10 @@ class AgentConfig(BaseModel):
     delivery_timeout: float = Field(30.0, gt=0, description="one HTTP attempt")
     delivery_retry_window: float = Field(600.0, gt=0, description="give up after this many seconds")
     delivery_initial_backoff: float = Field(1.0, gt=0, description="first retry delay, doubled each time")
+    delivery_tls_verify: bool = Field(
+        True, description="verify the MN's certificate for https callback and report URLs")
+    delivery_ca_file: Path | None = Field(
+        None, description="CA bundle for the MN's certificate (default: the system's)")
     delivery_max_backoff: float = Field(30.0, gt=0, description="longest retry delay")
 
     # VMs.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,7 @@ class Outbox:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout),
-            connector=aiohttp.TCPConnector(limit=64, ssl=False),
+            connector=aiohttp.TCPConnector(limit=64, ssl=self._tls()),
         )
         restored = 0
         for name in self.store.names(OUTBOX):
@@ -74,6 +75,12 @@ class Outbox:
             restored += 1
         if restored:
             log.info("outbox: %d message(s) left by the previous run, delivering", restored)
+
+    def _tls(self) -> ssl.SSLContext | bool:
+        if not self.config.delivery_tls_verify:
+            return False
+        cafile = str(self.config.delivery_ca_file) if self.config.delivery_ca_file else None
+        return ssl.create_default_context(cafile=cafile)
 
     async def close(self) -> None:
         for task in list(self._workers):

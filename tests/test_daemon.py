@@ -99,3 +99,28 @@ async def test_tls_with_client_certificates(tmp_path, pki):
                     await resp.read()
     finally:
         await runner.cleanup()
+
+
+async def test_callbacks_to_an_https_mn_verify_its_certificate(make_agent, pki):
+    from .mnstub import MNStub, make_mn_app
+
+    stub = MNStub()
+    runner = web.AppRunner(make_mn_app(stub))
+    await runner.setup()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(str(pki / "server.pem"), str(pki / "server.key"))
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_tls).start()
+    stub.base_url = f"https://127.0.0.1:{port}"
+    try:
+        trusting = await make_agent(delivery_ca_file=pki / "ca.pem", libvirt_uri="test:///default")
+        assert (await trusting.call_async(stub, "/host/ping"))["success"] is True
+
+        untrusting = await make_agent(delivery_retry_window=1, libvirt_uri="test:///default")
+        status, _ = await untrusting.post("/host/ping", headers={
+            "taskuuid": "t-untrusted", "callbackurl": stub.callback_url})
+        assert status == 200
+        assert await untrusting.ctx.outbox.drain(10)
+        assert stub.callbacks_for("t-untrusted") == [], "a callback went to an unverified MN"
+    finally:
+        await runner.cleanup()

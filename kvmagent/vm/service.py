@@ -133,6 +133,9 @@ class VmService:
 
     def check_path(self, path: str, what: str, must_exist: bool = True) -> str:
         real = confine(path, self.config.vm_path_roots, what)
+        state = Path(os.path.realpath(self.config.state_dir))
+        if real == state or state in real.parents:  # QEMU must never write the agent's state
+            raise AgentError(f"{what}: {path} is inside the agent's state dir {state}")
         if must_exist and not real.exists():
             raise AgentError(f"{what}: {path} does not exist")
         return str(real)
