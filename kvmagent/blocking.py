@@ -94,11 +94,7 @@ async def run_process(
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except (TimeoutError, asyncio.CancelledError) as exc:
         _kill_group(proc.pid)
-        # A process in uninterruptible sleep (D state on hung storage) may not die at once:
-        # reap it in the background instead of waiting here.
-        reaper = asyncio.ensure_future(proc.wait())
-        _REAPERS.add(reaper)
-        reaper.add_done_callback(_REAPERS.discard)
+        reap_later(proc)
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise BlockingTimeout(f"{os.path.basename(argv[0])} did not finish within {timeout:g}s") from None
@@ -108,6 +104,14 @@ async def run_process(
 
         raise AgentError(result.describe())
     return result
+
+
+def reap_later(proc: asyncio.subprocess.Process) -> None:
+    """Reap a killed child in the background: one stuck in the kernel (D state on hung
+    storage) may take long to die, and must not be waited for here."""
+    reaper = asyncio.ensure_future(proc.wait())
+    _REAPERS.add(reaper)
+    reaper.add_done_callback(_REAPERS.discard)
 
 
 def _kill_group(pid: int) -> None:

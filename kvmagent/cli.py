@@ -10,7 +10,6 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 from . import __version__
@@ -108,7 +107,7 @@ def call_main(args: argparse.Namespace) -> int:
     if args.token:
         headers["Authorization"] = f"Bearer {args.token}"
     if args.taskuuid:
-        headers["taskuuid"] = args.taskuuid or uuid.uuid4().hex
+        headers["taskuuid"] = args.taskuuid
     req = urllib.request.Request(args.url.rstrip("/") + path, data=body.encode(),
                                  headers=headers, method="POST")
     try:

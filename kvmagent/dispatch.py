@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from .context import AgentContext
 from .errors import AgentError
 from .logs import mask_data, mask_text
-from .models import AgentResponse, secret_field_names
+from .models import secret_field_names
 from .plugin import Command
 
 log = logging.getLogger("kvmagent.command")
@@ -103,6 +103,3 @@ def _log_line(cmd: Command, taskuuid: str | None, elapsed: float, outcome: Outco
             body = "<not JSON>"
         log.debug("%s request body: %s", cmd.path, body)
 
-
-def envelope_of(response: AgentResponse) -> dict[str, Any]:
-    return response.model_dump(mode="json", by_alias=True)

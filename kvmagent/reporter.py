@@ -36,14 +36,13 @@ class Reporter:
     def __init__(self, identity: HostIdentity, outbox: Outbox):
         self.identity = identity
         self.outbox = outbox
-        self.not_sent = 0
 
     def report(self, commandpath: str, body: dict[str, Any]) -> bool:
         """Queue a report; False (logged) when no MN is known yet."""
         url = self.identity.send_command_url
         body = {"hostUuid": self.identity.host_uuid, **body}
         if not url:
-            self.not_sent += 1
+            self.outbox.metrics.deliveries_failed.labels("report").inc()
             log.warning("report %s not sent: no MN connected yet (no sendCommandUrl): %s",
                         commandpath, body)
             return False

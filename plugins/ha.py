@@ -10,13 +10,14 @@ from kvmagent.errors import AgentError
 from kvmagent.ha.fencer import FencerConfig, FencerManager, detection_bounds
 from kvmagent.ha.netgroup import Group, NetworkGroupMonitor
 from kvmagent.ha.peer import check_peer
+from kvmagent.ha.probe import StorageProbe
 from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
 from kvmagent.plugin import ASYNC, SYNC, Plugin
 from kvmagent.validate import AbsPath, IfName
 
 plugin = Plugin("ha", "storage self-fencing and network-group monitoring")
 
-FENCERS, NETGROUPS = "ha.fencers", "ha.networkgroups"
+FENCERS, NETGROUPS, PEER_PROBES = "ha.fencers", "ha.networkgroups", "ha.peer_probes"
 PsUuid = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
 
 
@@ -75,6 +76,7 @@ class FencerTO(WireModel):
     storage_checker_timeout: float
     last_error: str | None = None
     fenced_vm_uuids: list[str] = Field(default_factory=list)
+    fenced_at: float | None = Field(None, description="unix time of the last fence")
     detection_seconds: tuple[float, float] = Field(description="best and worst case")
 
 
@@ -153,15 +155,18 @@ async def fencer_state(ctx: AgentContext, cmd: EmptyRequest) -> SelfFencerStateR
             consecutive_failures=st.consecutive_failures, last_heartbeat_at=st.last_heartbeat_at,
             strategy=cfg.strategy, interval=cfg.interval, max_attempts=cfg.max_attempts,
             storage_checker_timeout=cfg.storage_checker_timeout, last_error=st.last_error,
-            fenced_vm_uuids=st.fenced_vm_uuids, detection_seconds=detection_bounds(cfg)))
+            fenced_vm_uuids=st.fenced_vm_uuids, fenced_at=st.fenced_at,
+            detection_seconds=detection_bounds(cfg)))
     return SelfFencerStateRsp(ps_uuids=[f.ps_uuid for f in fencers], fencers=fencers)
 
 
 @plugin.command("/filesystem/check/vmstate", mode=ASYNC)
 async def check_vm_state(ctx: AgentContext, cmd: CheckVmStateCmd) -> CheckVmStateRsp:
     """Is another host's heartbeat on this storage still advancing? With its VM uuids."""
-    verdict = await check_peer(cmd.mount_path, cmd.target_host_uuid, cmd.times, cmd.interval,
-                               cmd.storage_checker_timeout)
+    probes = ctx.services.setdefault(PEER_PROBES, {})
+    probe = probes.setdefault(cmd.mount_path, StorageProbe())
+    verdict = await check_peer(probe, cmd.mount_path, cmd.target_host_uuid, cmd.times,
+                               cmd.interval, cmd.storage_checker_timeout)
     return CheckVmStateRsp(result={cmd.primary_storage_uuid: verdict.alive},
                            vm_uuids=verdict.vm_uuids, reason=verdict.reason)
 

@@ -18,11 +18,13 @@ class PeerVerdict:
     reason: str = ""
 
 
-async def check_peer(mount_path: str, host_uuid: str, times: int, interval: float,
-                     timeout: float) -> PeerVerdict:
-    """Read the peer's heartbeat ``times`` times ``interval`` apart; alive if its time moved."""
+async def check_peer(probe: StorageProbe, mount_path: str, host_uuid: str, times: int,
+                     interval: float, timeout: float) -> PeerVerdict:
+    """Read the peer's heartbeat ``times`` times ``interval`` apart; alive if its time moved.
+
+    ``probe`` is kept per mount path by the caller, so repeated checks of a hung storage wait
+    for the one stuck reader instead of leaving a new one behind each time."""
     path = heartbeat_path(mount_path, host_uuid)
-    probe = StorageProbe()
     seen: list[float] = []
     vm_uuids: list[str] = []
     errors = []

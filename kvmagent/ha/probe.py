@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..blocking import reap_later
+
 HEARTBEAT_DIR = "zs-heartbeat"
 
 # The storage must really be there: a mount point whose file system is gone (unmounted, or
@@ -105,7 +107,7 @@ class StorageProbe:
             except ProcessLookupError:
                 pass
             self._stuck = proc
-            asyncio.ensure_future(proc.wait())  # reap when the kernel lets it go
+            reap_later(proc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return ProbeResult(False, f"storage I/O did not finish within {timeout:g}s",
