@@ -9,6 +9,12 @@ Commands (all async; see PROTOCOL.md "Flat network EIP")
     Different EIPs run in parallel (bounded), each under its own lock. Extension: the reply
     carries ``failedEips: [{eipUuid, error}]``; ``success`` is false when any EIP failed, and
     ``error`` then names how many failed and the first errors. The others are applied.
+    Entries are validated one by one: an invalid entry is listed in ``failedEips`` with an
+    error naming the field (``eips[3]: field 'vip': ...``) and does not stop the valid ones;
+    only a body whose ``eips`` is not a list is a 400.
+
+A delete needs only ``eipUuid``: the agent's record holds the rest, so a stale or partial EIP
+object from the MN still deletes (other fields are ignored, even if they would be invalid).
 
 ``/flatnetworkprovider/eip/sync``         extension, ``{removeOrphans?: true, repair?: true}``
     Removes network namespaces and links named with this agent's EIP prefix that no record
@@ -28,8 +34,9 @@ the VMs the HA self-fencer killed. Mechanisms live in :mod:`kvmagent.eip`.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kvmagent.context import AgentContext
 from kvmagent.eip.manager import EipManager, EipSettings
@@ -85,12 +92,27 @@ class EipTO(WireModel):
         return EipSpec(**self.model_dump(by_alias=False))
 
 
+class EipRefTO(WireModel):
+    """What a delete needs of an EIP: its uuid (any other field is ignored)."""
+
+    eip_uuid: str
+
+    _uuid = field_validator("eip_uuid")(check_uuid)
+
+
 class EipCmd(AgentRequest):
     eip: EipTO
 
 
+class EipDeleteCmd(AgentRequest):
+    eip: EipRefTO
+
+
 class BatchEipCmd(AgentRequest):
-    eips: list[EipTO] = Field(default_factory=list, max_length=4096)
+    eips: list[Any] = Field(
+        default_factory=list, max_length=4096,
+        description="EIP objects (as in the apply command; a delete needs only eipUuid), "
+                    "each validated on its own: invalid ones are reported in failedEips")
 
 
 class FailedEip(WireModel):
@@ -142,22 +164,24 @@ def make_plugin(prefix: str = DEFAULT_PREFIX, **settings) -> Plugin:
         return AgentResponse()
 
     @plugin.command("/flatnetworkprovider/eip/delete", mode=ASYNC)
-    async def delete(ctx: AgentContext, req: EipCmd) -> AgentResponse:
-        """Remove one EIP; an absent EIP is success."""
-        await _manager(ctx).delete(req.eip.to_spec().eip_uuid)
+    async def delete(ctx: AgentContext, req: EipDeleteCmd) -> AgentResponse:
+        """Remove one EIP (only eipUuid is needed); an absent EIP is success."""
+        await _manager(ctx).delete(req.eip.eip_uuid)
         return AgentResponse()
 
     @plugin.command("/flatnetworkprovider/eip/batchapply", mode=ASYNC)
     async def batch_apply(ctx: AgentContext, req: BatchEipCmd) -> BatchEipRsp:
-        """Apply many EIPs in parallel; the reply lists those that failed."""
-        failures = await _manager(ctx).batch("apply", [e.to_spec() for e in req.eips])
-        return _batch_reply("apply", len(req.eips), failures)
+        """Apply many EIPs in parallel; the reply lists those that failed or were invalid."""
+        valid, invalid = _validate_each(EipTO, req.eips)
+        failures = await _manager(ctx).batch("apply", [e.to_spec() for e in valid])
+        return _batch_reply("apply", len(req.eips), invalid + failures)
 
     @plugin.command("/flatnetworkprovider/eip/batchdelete", mode=ASYNC)
     async def batch_delete(ctx: AgentContext, req: BatchEipCmd) -> BatchEipRsp:
-        """Delete many EIPs in parallel; the reply lists those that failed."""
-        failures = await _manager(ctx).batch("delete", [e.to_spec().eip_uuid for e in req.eips])
-        return _batch_reply("delete", len(req.eips), failures)
+        """Delete many EIPs in parallel (only eipUuid is needed); the reply lists failures."""
+        valid, invalid = _validate_each(EipRefTO, req.eips)
+        failures = await _manager(ctx).batch("delete", [e.eip_uuid for e in valid])
+        return _batch_reply("delete", len(req.eips), invalid + failures)
 
     @plugin.command("/flatnetworkprovider/eip/sync", mode=ASYNC)
     async def sync(ctx: AgentContext, req: SyncCmd) -> SyncRsp:
@@ -176,6 +200,34 @@ def make_plugin(prefix: str = DEFAULT_PREFIX, **settings) -> Plugin:
 
 def _manager(ctx: AgentContext) -> EipManager:
     return ctx.services[SERVICE]
+
+
+def _validate_each(model: type[BaseModel], items: list[Any]) -> tuple[list[Any], list[FailedEip]]:
+    """Validate batch entries one by one: (valid models, failures naming entry and field)."""
+    valid, invalid = [], []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            invalid.append(FailedEip(eip_uuid="", error=f"eips[{index}]: must be an EIP "
+                                                        f"object, got {type(item).__name__}"))
+            continue
+        try:
+            valid.append(model.model_validate(item))
+        except ValidationError as exc:
+            raw = item.get("eipUuid")
+            invalid.append(FailedEip(eip_uuid=raw if isinstance(raw, str) else "",
+                                     error=f"eips[{index}]: {_describe(exc)}"))
+    return valid, invalid
+
+
+def _describe(exc: ValidationError) -> str:
+    """Like a 400's error, but a cross-field check (no location; its message names the
+    fields) is not attributed to a field called 'body'."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"field '{loc}': {msg}" if loc else msg)
+    return "; ".join(parts)
 
 
 def _summary(op: str, failed: int, total: int | None, failures) -> str:

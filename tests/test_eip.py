@@ -401,6 +401,8 @@ BAD_FIELDS = [
     ("nicIp", "10.77.0.5; rm -rf /"), ("nicGateway", "10.78.0.1"),
     ("publicBridgeName", "br-with-a-very-long-name"), ("publicBridgeName", "br0\"; drop"),
     ("vmBridgeName", "../x"), ("vipGateway", "198.51.101.1"), ("nicIp", "10.77.0.255"),
+    # `$` of Python's re matches before a final newline: the checks must not let one through
+    ("eipUuid", "a" * 32 + "\n"), ("publicBridgeName", "br0\n"), ("nicMac", "02:77:00:00:00:00\n"),
 ]
 
 
@@ -408,13 +410,81 @@ BAD_FIELDS = [
 async def test_bad_input_is_400_naming_the_field(eip_agent, world, field, value):
     agent = await eip_agent()
     body = world.eip(0, **{field: value})
-    for path, payload in ((APPLY, {"eip": body}), (BATCH_APPLY, {"eips": [world.eip(1), body]})):
-        status, reply = await agent.post(path, payload)
-        assert status == 400 and reply["success"] is False, (status, reply)
-        assert field in reply["error"], reply
+    status, reply = await agent.post(APPLY, {"eip": body})
+    assert status == 400 and reply["success"] is False, (status, reply)
+    assert field in reply["error"], reply
+    # In a batch, the invalid entry is reported (naming its field) and the valid one applied.
+    good = world.eip(1)
+    status, reply = await agent.post(BATCH_APPLY, {"eips": [good, body]})
+    assert status == 200 and reply["success"] is False, (status, reply)
+    [failed] = reply["failedEips"]
+    assert failed["error"].startswith("eips[1]: ") and field in failed["error"], failed
+    assert "'body'" not in failed["error"], failed
+    assert field in reply["error"] and "1 of 2 EIPs failed" in reply["error"], reply
+    assert manager(agent).applied() == [good["eipUuid"]]
+    assert (await agent.call(DELETE, {"eip": good}))["success"]
     left = await asyncio.to_thread(world.leftovers)
     assert left == {"netns": [], "links": [], "nft": []}, left
     assert manager(agent).records == {} and agent.ctx.state.names("eips") == []
+
+
+async def test_batch_body_that_is_not_a_list_is_400(eip_agent, world):
+    agent = await eip_agent()
+    for path in (BATCH_APPLY, BATCH_DELETE):
+        for eips in ({"eipUuid": "a" * 32}, "all", 7):
+            status, reply = await agent.post(path, {"eips": eips})
+            assert status == 400 and "eips" in reply["error"], (path, eips, reply)
+
+
+async def test_delete_needs_only_the_eip_uuid(eip_agent, world):
+    agent = await eip_agent()
+    await asyncio.to_thread(world.add_vm, 1)
+    body, other = world.eip(0), world.eip(1, vm=1)
+    for b in (body, other):
+        assert (await agent.call(APPLY, {"eip": b}))["success"]
+    # A stale object from the MN: only the uuid, and fields that would not even validate.
+    stale = {"eipUuid": body["eipUuid"].upper(), "vip": "not-an-ip", "nicMac": "zz"}
+    reply = await agent.call(DELETE, {"eip": stale})
+    assert reply == {"success": True, "error": None}, reply
+    assert body["eipUuid"] not in manager(agent).records
+    # Unknown uuid, partial object: success (absent is success).
+    reply = await agent.call(DELETE, {"eip": {"eipUuid": secrets.token_hex(16), "vip": "x"}})
+    assert reply == {"success": True, "error": None}, reply
+    # Without the uuid there is nothing to delete: 400 naming the field.
+    status, reply = await agent.post(DELETE, {"eip": {"vip": body["vip"]}})
+    assert status == 400 and "eipUuid" in reply["error"], reply
+    # A batch delete: partial entries work, broken ones are listed, the rest is deleted.
+    reply = await agent.call(BATCH_DELETE, {"eips": [{"eipUuid": other["eipUuid"]},
+                                                     {"vip": other["vip"]}, "junk",
+                                                     {"eipUuid": "nope"}]})
+    assert reply["success"] is False, reply
+    errors = [f["error"] for f in reply["failedEips"]]
+    assert len(errors) == 3, reply
+    assert errors[0].startswith("eips[1]: field 'eipUuid'"), errors
+    assert errors[1] == "eips[2]: must be an EIP object, got str", errors
+    assert errors[2].startswith("eips[3]: field 'eipUuid'"), errors
+    assert reply["failedEips"][2]["eipUuid"] == "nope"
+    assert manager(agent).records == {}
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": []}, left
+
+
+async def test_apply_where_an_ipv6_sysctl_key_is_missing(eip_agent, world, monkeypatch):
+    """A host booted with ipv6.disable=1 has no net.ipv6 keys; the apply must not fail on
+    them (simulated here with a key no host has)."""
+    monkeypatch.setattr(eipnft, "SYSCTLS",
+                        (*eipnft.SYSCTLS, "net.ipv6.conf.nosuchlink0.disable_ipv6=1"))
+    agent = await eip_agent()
+    body = world.eip(0)
+    reply = await agent.call(APPLY, {"eip": body})
+    assert reply == {"success": True, "error": None}, reply
+    names = _names(world, body)
+    forwarding = await asyncio.to_thread(ns_run, names.netns, "sysctl", "-n",
+                                         "net.ipv4.ip_forward")
+    assert forwarding.stdout.strip() == b"1"
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
 
 
 async def test_missing_fields_and_same_bridges_are_400(eip_agent, world):
@@ -507,3 +577,68 @@ async def test_timed_out_step_is_stopped_before_the_lock_is_released(eip_agent, 
     with pytest.raises(BlockingTimeout):
         await manager(agent)._blocking(slow, "slow step")
     assert stopped.is_set()
+
+
+async def test_abandoned_step_keeps_the_lock_until_its_thread_returns(eip_agent, world,
+                                                                     monkeypatch):
+    """A step that overruns its timeout and keeps going well past abort_grace: the apply
+    waits for its thread (the lock stays held, no rollback runs beside it), fails, and leaves
+    the record 'applying' so the next sync/apply finishes the job."""
+    import time as _time
+
+    from kvmagent.eip import netlink as eipnetlink
+    agent = await eip_agent(netlink_timeout=0.5, abort_grace=0.1)
+    mgr = manager(agent)
+    body = world.eip(0)
+    names = _names(world, body)
+    real = eipnetlink.converge_links
+    finished: list[float] = []
+
+    def stubborn(spec, names, report, *, arp_timeout, abort=None):
+        real(spec, names, report, arp_timeout=arp_timeout, abort=abort)
+        abort.wait(10)          # overruns its timeout ...
+        _time.sleep(0.6)        # ... and a netlink request in flight finishes much later
+        finished.append(_time.monotonic())
+        raise eipnetlink.Aborted("stopped")
+
+    monkeypatch.setattr(eipnetlink, "converge_links", stubborn)
+    reply = await agent.call(APPLY, {"eip": body})
+    assert reply["success"] is False and "did not finish within 0.5s" in reply["error"], reply
+    assert finished, "the apply ended before its thread did"
+    [entry] = [h for h in mgr.history if h["op"] == "apply"]
+    assert entry["end"] >= finished[0], (entry, finished)   # lock held until the thread ended
+    # Not rolled back: the record says 'applying' and what was built is still there.
+    assert mgr.records[body["eipUuid"]]["status"] == "applying"
+    assert agent.ctx.state.load(f"eips/{body['eipUuid']}")["status"] == "applying"
+    assert not (await mgr.observe(body["eipUuid"])).empty
+    monkeypatch.undo()
+
+    # The next apply finishes the job.
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await assert_one_copy(world, agent, body)
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+    assert not agent.ctx.locks.locked("eip", names.netns)
+
+
+async def test_abandoned_fresh_apply_is_removed_by_the_next_sync(eip_agent, world,
+                                                                monkeypatch):
+    from kvmagent.eip import netlink as eipnetlink
+    agent = await eip_agent(netlink_timeout=0.3, abort_grace=0.1)
+    body = world.eip(0)
+    real = eipnetlink.prepare
+
+    def stuck(spec, names, report, *, abort=None):
+        real(spec, names, report, abort=abort)
+        abort.wait(10)
+        eipnetlink._check(abort)     # prepare checks abort between its steps
+
+    monkeypatch.setattr(eipnetlink, "prepare", stuck)
+    reply = await agent.call(APPLY, {"eip": body})
+    assert reply["success"] is False and "did not finish" in reply["error"], reply
+    assert manager(agent).records[body["eipUuid"]]["status"] == "applying"
+    monkeypatch.undo()
+    reply = await agent.call(SYNC, {})
+    assert reply["success"] and reply["eips"] == [], reply
+    await assert_gone(world, agent, body)

@@ -24,8 +24,17 @@ Apply
 
 Timeouts
     Blocking steps run in ``ctx.runner`` with a timeout. A thread cannot be killed, so on a
-    timeout the step is told to stop (it checks between netlink requests) and the operation
-    waits for it before it ends: the EIP's lock is never released under a running thread.
+    timeout (or a cancellation) the step is told to stop (prepare, converge and teardown check
+    ``abort`` between netlink requests; a request in flight is bounded by netlink itself) and
+    the operation waits, however long it takes, for the thread to return, logging an error
+    every ``abort_grace`` seconds meanwhile. The EIP's lock is never released, and no rollback
+    starts, while a thread still changes the EIP. A step given up like this
+    (:class:`StepAbandoned`) is not rolled back: what it changed is unknown, so the record
+    stays ``applying`` (or ``deleting``) and the next apply, delete, sync or start-up finishes
+    the job from what it finds.
+
+    Record writes (a small file and an fsync) run in ``ctx.runner`` too; the in-memory record
+    is updated first, without an await, so the conflict check stays atomic.
 """
 from __future__ import annotations
 
@@ -68,12 +77,19 @@ class EipSettings:
     netlink_timeout: float = 30.0      # one blocking netlink step
     process_timeout: float = 15.0      # nft / sysctl inside the namespace
     arp_timeout: float = 0.4           # how long the VIP duplicate probe listens
-    abort_grace: float = 10.0          # after a timeout, wait this long for the thread to stop
+    abort_grace: float = 10.0          # after a timeout, log this often until the thread stops
+    state_timeout: float = 15.0        # one record write (temp file, fsync, rename)
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
         if self.parallel < 1:
             raise ValueError("parallel must be >= 1")
+
+
+class StepAbandoned(BlockingTimeout):
+    """A blocking step overran its timeout (or its task was cancelled). Its thread was told
+    to stop and has returned, but what it changed is unknown: nothing is rolled back, the
+    record keeps its ``applying``/``deleting`` status for the next settle or apply."""
 
 
 @dataclass
@@ -115,18 +131,30 @@ class EipManager:
         self.records[eip_uuid] = record
         self._by_hash[self.names(eip_uuid).hash] = eip_uuid
 
-    def _save(self, spec: EipSpec, status: str, was_applied: bool) -> None:
+    async def _write(self, eip_uuid: str, record: dict[str, Any] | None) -> None:
+        """Write (or, for None, delete) the record file off the event loop."""
+        doc = f"{FOLDER}/{eip_uuid}"
+        if record is None:
+            await self.ctx.runner.run(self.ctx.state.delete, doc,
+                                      timeout=self.settings.state_timeout,
+                                      what=f"delete EIP record {eip_uuid}")
+        else:
+            await self.ctx.runner.run(self.ctx.state.save, doc, record,
+                                      timeout=self.settings.state_timeout,
+                                      what=f"save EIP record {eip_uuid}")
+
+    async def _save(self, spec: EipSpec, status: str, was_applied: bool) -> None:
         record = {"spec": spec.to_dict(), "status": status, "wasApplied": was_applied,
                   "netns": self.names(spec.eip_uuid).netns, "updated": time.time()}
-        self.ctx.state.save(f"{FOLDER}/{spec.eip_uuid}", record)
-        self._remember(spec.eip_uuid, record)
+        self._remember(spec.eip_uuid, record)   # in memory first: no await before it
+        await self._write(spec.eip_uuid, record)
 
-    def _restore_record(self, eip_uuid: str, record: dict[str, Any]) -> None:
-        self.ctx.state.save(f"{FOLDER}/{eip_uuid}", record)
+    async def _restore_record(self, eip_uuid: str, record: dict[str, Any]) -> None:
         self._remember(eip_uuid, record)
+        await self._write(eip_uuid, record)
 
-    def _drop(self, eip_uuid: str) -> None:
-        self.ctx.state.delete(f"{FOLDER}/{eip_uuid}")
+    async def _drop(self, eip_uuid: str) -> None:
+        await self._write(eip_uuid, None)
         self.records.pop(eip_uuid, None)
         h = self.names(eip_uuid).hash
         if self._by_hash.get(h) == eip_uuid:
@@ -159,30 +187,60 @@ class EipManager:
                 self.history.append(entry)
 
     async def _blocking(self, fn: Callable[[threading.Event], Any], what: str) -> Any:
-        """Run ``fn(abort)`` in the runner. On timeout, tell it to stop and wait until it did,
-        so the lock is never released while a thread still changes this EIP."""
-        abort, done = threading.Event(), threading.Event()
+        """Run ``fn(abort)`` in the runner. On a timeout or a cancellation, set ``abort`` and
+        wait until the thread has returned (never giving up), then raise
+        :class:`StepAbandoned` (or re-raise the cancellation): the caller's lock is never
+        released, nor a rollback started, while a thread still changes this EIP."""
+        loop = asyncio.get_running_loop()
+        abort = threading.Event()
+        finished = asyncio.Event()
+        gate = threading.Lock()
+        phase = {"running": False, "given_up": False}
 
         def work() -> Any:
+            with gate:
+                if phase["given_up"]:   # queued behind other work and given up meanwhile
+                    return None
+                phase["running"] = True
             try:
                 return fn(abort)
             finally:
-                done.set()
+                with contextlib.suppress(RuntimeError):   # the loop is gone (shutdown)
+                    loop.call_soon_threadsafe(finished.set)
 
+        timeout = self.settings.netlink_timeout
         try:
-            return await self.ctx.runner.run(work, timeout=self.settings.netlink_timeout,
-                                             what=what)
+            return await self.ctx.runner.run(work, timeout=timeout, what=what)
         except (netlink.NetlinkError, OSError) as exc:   # one line a human can act on
             raise AgentError(f"{what}: {exc}") from exc
-        except (BlockingTimeout, asyncio.CancelledError):
+        except (BlockingTimeout, asyncio.CancelledError) as exc:
             abort.set()
-            deadline = time.monotonic() + self.settings.abort_grace
-            while not done.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if not done.is_set():
-                log.error("%s is still running %gs after its timeout", what,
-                          self.settings.abort_grace)
-            raise
+            with gate:
+                phase["given_up"] = True
+                running = phase["running"]
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if running:
+                cancelled = await self._wait_stopped(finished, what) or cancelled
+            if cancelled:
+                raise asyncio.CancelledError() from None
+            raise StepAbandoned(f"{what} did not finish within {timeout:g}s and was stopped; "
+                                "the EIP is left for the next apply or sync to finish") from None
+
+    async def _wait_stopped(self, finished: asyncio.Event, what: str) -> bool:
+        """Wait for an aborted step's thread to return, logging loudly meanwhile. True when
+        this task was cancelled while waiting (the caller re-raises once the thread is done)."""
+        cancelled = False
+        waited = 0.0
+        while not finished.is_set():
+            try:
+                await asyncio.wait_for(finished.wait(), self.settings.abort_grace)
+            except TimeoutError:
+                waited += self.settings.abort_grace
+                log.error("%s: still running %gs after it was told to stop; the EIP stays "
+                          "locked until it returns", what, waited)
+            except asyncio.CancelledError:
+                cancelled = True
+        return cancelled
 
     # ----- apply / delete -------------------------------------------------------------------
     async def apply(self, spec: EipSpec, op: str = "apply") -> netlink.ApplyReport:
@@ -200,18 +258,23 @@ class EipManager:
         was_applied = bool(previous and (previous["status"] == "applied"
                                          or previous.get("wasApplied")))
         report = netlink.ApplyReport()
-        self._save(spec, "applying", was_applied)
+        await self._save(spec, "applying", was_applied)
         try:
             await self._converge(spec, names, report)
+        except (StepAbandoned, asyncio.CancelledError) as exc:
+            log.error("apply of EIP %s abandoned (%s); no rollback, the record stays "
+                      "'applying' for the next apply or sync", spec.eip_uuid,
+                      exc or type(exc).__name__)
+            raise
         except BaseException as exc:
             log.warning("apply of EIP %s failed (%s); rolling back", spec.eip_uuid, exc)
             await self._rollback(spec, names, report, previous if was_applied else None)
             raise
-        self._save(spec, "applied", True)
+        await self._save(spec, "applied", True)
         return report
 
     async def _converge(self, spec: EipSpec, names: Names, report: netlink.ApplyReport) -> None:
-        await self._blocking(lambda abort: netlink.prepare(spec, names, report),
+        await self._blocking(lambda abort: netlink.prepare(spec, names, report, abort=abort),
                              f"prepare namespace {names.netns}")
         await nft.set_sysctls(names, timeout=self.settings.process_timeout)
         await nft.apply_ruleset(names, nft.build_ruleset(spec, names),
@@ -243,7 +306,7 @@ class EipManager:
         apply created are reused where they fit) and keep the previous record."""
         try:
             if previous is None:
-                await self._blocking(lambda abort: netlink.teardown(names),
+                await self._blocking(lambda abort: netlink.teardown(names, abort=abort),
                                      f"roll back {names.netns}")
             else:
                 before = dataclasses.replace(EipSpec.from_dict(previous["spec"]),
@@ -253,12 +316,12 @@ class EipManager:
             log.exception("rollback of EIP %s failed; a repair (restart, sync) finishes it",
                           spec.eip_uuid)
             if previous is not None:
-                self._restore_record(spec.eip_uuid, previous)
+                await self._restore_record(spec.eip_uuid, previous)
             return   # a fresh EIP keeps its "applying" record: the next settle removes it
         if previous is not None:
-            self._restore_record(spec.eip_uuid, previous)
+            await self._restore_record(spec.eip_uuid, previous)
         else:
-            self._drop(spec.eip_uuid)
+            await self._drop(spec.eip_uuid)
 
     async def delete(self, eip_uuid: str, op: str = "delete") -> list[str]:
         async with self._op(op, eip_uuid):
@@ -269,10 +332,10 @@ class EipManager:
         record = self.records.get(eip_uuid)
         if record is not None and record["status"] != "deleting":
             record = dict(record, status="deleting")
-            self._restore_record(eip_uuid, record)
-        removed = await self._blocking(lambda abort: netlink.teardown(names),
+            await self._restore_record(eip_uuid, record)
+        removed = await self._blocking(lambda abort: netlink.teardown(names, abort=abort),
                                        f"remove {names.netns}")
-        self._drop(eip_uuid)
+        await self._drop(eip_uuid)
         return removed
 
     # ----- many at once ---------------------------------------------------------------------
@@ -370,7 +433,7 @@ class EipManager:
                         continue
                     try:
                         removed += await self._blocking(
-                            lambda abort, names=names: netlink.teardown(names),
+                            lambda abort, names=names: netlink.teardown(names, abort=abort),
                             f"remove orphan {names.netns}")
                     except AgentError as exc:
                         failed.append(BatchFailure(names.netns, str(exc)))

@@ -120,9 +120,12 @@ def check_bridges(spec: EipSpec) -> None:
         bridge_index(ipr, spec.vm_bridge_name, "vmBridgeName")
 
 
-def prepare(spec: EipSpec, names: Names, report: ApplyReport) -> None:
+def prepare(spec: EipSpec, names: Names, report: ApplyReport, *,
+            abort: threading.Event | None = None) -> None:
     """Check both bridges exist (nothing is created otherwise), then ensure the namespace."""
+    _check(abort)
     check_bridges(spec)
+    _check(abort)
     report.created_netns = ensure_netns(names)
 
 
@@ -264,13 +267,18 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
     return report
 
 
-def teardown(names: Names) -> list[str]:
-    """Remove every object of the EIP; what was there is returned. Absent is fine."""
+def teardown(names: Names, *, abort: threading.Event | None = None) -> list[str]:
+    """Remove every object of the EIP; what was there is returned. Absent is fine.
+
+    ``abort`` is checked before each removal: a stopped teardown leaves a subset behind, which
+    the next teardown (or apply) finds and handles."""
     removed = []
     with IPRoute() as ipr:
         for name in names.links:
+            _check(abort)
             if _del_link(ipr, name):
                 removed.append(name)
+    _check(abort)
     if netns_exists(names.netns) or os.path.lexists(netns_path(names.netns)):
         _remove_netns(names.netns)
         removed.append(f"netns {names.netns}")
@@ -383,11 +391,3 @@ def list_owned(patterns: Patterns) -> tuple[dict[str, str], dict[str, str]]:
                 links[name] = h
     return spaces, links
 
-
-def remove_links(names: list[str]) -> list[str]:
-    removed = []
-    with IPRoute() as ipr:
-        for name in names:
-            if _del_link(ipr, name):
-                removed.append(name)
-    return removed

@@ -122,28 +122,22 @@ async def apply_ruleset(names: Names, document: dict, *, timeout: float) -> None
         raise AgentError(f"nftables in namespace {names.netns}: {result.describe()}")
 
 
-async def list_ruleset(netns: str | None, *, timeout: float) -> dict:
-    """The ruleset (``nft -j list ruleset``) of a namespace, or of the host when None."""
-    argv = ["nft", "-j", "list", "ruleset"]
-    if netns is not None:
-        argv = nsenter_argv(netns, *argv)
-    result = await run_process(argv, timeout=timeout)
-    if not result.ok:
-        raise AgentError(f"nft list ruleset{' in ' + netns if netns else ''}: {result.describe()}")
-    return json.loads(result.stdout or b'{"nftables": []}')
-
-
 def rule_count(ruleset: dict) -> int:
     """Rules in a listed ruleset (``{"rule": ..}``) or in a document (``{"add": {"rule": ..}}``)."""
     return sum(1 for item in ruleset.get("nftables", [])
                if "rule" in item or "rule" in item.get("add", {}))
 
 
+# Forwarding on, IPv6 off (the EIP is IPv4; no link-local chatter on the bridges). On a host
+# booted with ipv6.disable=1 there is no net.ipv6 at all: nothing to turn off, so unknown keys
+# are ignored (``sysctl -e``); a key that exists and cannot be written still fails.
+SYSCTLS = ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1",
+           "net.ipv6.conf.default.disable_ipv6=1")
+
+
 async def set_sysctls(names: Names, *, timeout: float) -> None:
-    """Forwarding on, IPv6 off (the EIP is IPv4; no link-local chatter on the bridges)."""
-    result = await run_process(nsenter_argv(
-        names.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"),
-        timeout=timeout)
+    """Apply :data:`SYSCTLS` inside the EIP namespace."""
+    result = await run_process(nsenter_argv(names.netns, "sysctl", "-e", "-q", "-w", *SYSCTLS),
+                               timeout=timeout)
     if not result.ok:
         raise AgentError(f"sysctl in namespace {names.netns}: {result.describe()}")

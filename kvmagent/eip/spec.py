@@ -10,15 +10,28 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-_UUID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
-_MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+from .. import validate
+
+
+def _pattern(wire_type: Any) -> re.Pattern[str]:
+    """The regular expression of one of :mod:`kvmagent.validate`'s constrained str types, so
+    the wire types and these checks (which also normalise, and re-check stored records) share
+    one definition."""
+    for item in getattr(wire_type, "__metadata__", ()):
+        if getattr(item, "pattern", None):
+            return re.compile(item.pattern)
+    raise TypeError(f"{wire_type!r} carries no pattern")
+
+
+_UUID = _pattern(validate.Uuid)     # matched after lower-casing
+_MAC = _pattern(validate.Mac)       # matched after lower-casing and '-' -> ':'
 # Linux accepts almost any byte in an ifname; a host bridge we attach to must be plain.
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_IFNAME = _pattern(validate.IfName)
 
 
 def check_uuid(value: str) -> str:
     value = value.lower()
-    if not _UUID.match(value):
+    if not _UUID.fullmatch(value):
         raise ValueError("must be a uuid: 32 hex digits, or 8-4-4-4-12 hex digits with dashes")
     return value
 
@@ -52,7 +65,7 @@ def check_netmask(value: str) -> str:
 
 def check_mac(value: str) -> str:
     value = value.lower().replace("-", ":")
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ValueError(f"{value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
     if int(value[:2], 16) & 1:
         raise ValueError(f"{value} is a multicast MAC, not a NIC's")
@@ -62,7 +75,7 @@ def check_mac(value: str) -> str:
 
 
 def check_ifname(value: str) -> str:
-    if not _IFNAME.match(value):
+    if not _IFNAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a bridge name: 1-15 characters of [A-Za-z0-9_.-], "
                          "starting with a letter or digit")
     return value
