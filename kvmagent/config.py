@@ -116,6 +116,9 @@ class AgentConfig(BaseModel):
         5, ge=1, le=300, description="seconds for one guest-agent command (in-guest mount)")
     virtiofs_path_timeout: float = Field(
         10.0, gt=0, description="resolving or bind-mounting a share's source path")
+    modelcenter_file_roots: list[Path] = Field(
+        [], description="file:// model storage must resolve inside one of these host dirs; "
+        "empty: file:// is refused")
 
     @field_validator("listen")
     @classmethod

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from .context import AgentContext
 from .errors import AgentError, BlockingTimeout, ConflictError, NotFoundError
 from .modelcenter import mounttable
 from .modelcenter.service import LOCK as MODELCENTER_LOCK
+from .modelcenter.service import SERVICE as MODELCENTER_SERVICE
 from .vm.config import VirtiofsShare
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,53 @@ async def list_shares(ctx: AgentContext, vm: str | None = None) -> list[Share]:
     return shares
 
 
+# -- the export bind mount -----------------------------------------------------------------
+# argv: model-center mount point, path below it ("" for the mount itself), export dir, "1"
+# for read-only. Opens each component with O_PATH|O_NOFOLLOW|O_DIRECTORY (a symlink or a
+# non-directory fails), refuses to cross into another mount, then binds /proc/self/fd/N:
+# the directory that was opened, whatever happens to the path meanwhile.
+_BIND_FD = r"""
+import ctypes, errno, os, stat, sys
+base, rel, export, ro = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+F = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+def fail(msg):
+    sys.stderr.write(msg + "\n")
+    sys.exit(3)
+try:
+    fd = os.open(base, F)
+    dev = os.fstat(fd).st_dev
+    done = base
+    for part in [p for p in rel.split("/") if p]:
+        if part in (".", ".."):
+            fail(f"{done}/{part}: '.' and '..' are not allowed")
+        try:
+            nfd = os.open(part, F, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                fail(f"{done}/{part} is a symbolic link or not a directory (refused)")
+            raise
+        os.close(fd)
+        fd, done = nfd, f"{done}/{part}"
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode):
+            fail(f"{done} is not a directory")
+        if st.st_dev != dev:
+            fail(f"{done} is on another file system than the model center (refused)")
+except OSError as exc:
+    fail(f"{exc.filename or done}: {exc.strerror}")
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+if libc.mount(f"/proc/self/fd/{fd}".encode(), export.encode(), None, MS_BIND, None) != 0:
+    fail(f"mount: {os.strerror(ctypes.get_errno())}")
+flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if ro else 0)
+if libc.mount(None, export.encode(), None, flags, None) != 0:
+    err = ctypes.get_errno()
+    libc.umount2(export.encode(), 2)  # MNT_DETACH
+    fail(f"remount {'read-only' if ro else 'read-write'}: {os.strerror(err)}")
+"""
+
+
 # -- guest agent ---------------------------------------------------------------------------
 class GuestAgentError(Exception):
     pass
@@ -193,11 +241,6 @@ class GuestMount:
     attempted: bool
     success: bool
     error: str | None
-
-
-def _unescape_mounts(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
 
 
 async def guest_exec(send: Send, path: str, args: list[str], timeout: float) -> tuple[int, str]:
@@ -233,13 +276,13 @@ async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
             for line in mounts.splitlines():
                 fields = line.split()
                 if len(fields) >= 3 and fields[0] == tag and fields[2] == "virtiofs" \
-                        and _unescape_mounts(fields[1]) == mount_path:
+                        and mounttable.unescape(fields[1]) == mount_path:
                     return GuestMount(True, True, None)  # already mounted there
-        code, out = await guest_exec(send, "mkdir", ["-p", mount_path], timeout)
+        code, out = await guest_exec(send, "mkdir", ["-p", "--", mount_path], timeout)
         if code != 0:
             return GuestMount(True, False, f"mkdir -p {mount_path} in the guest failed: "
                                            f"{out or f'exit {code}'}")
-        args = ["-t", "virtiofs"] + (["-o", "ro"] if readonly else []) + [tag, mount_path]
+        args = ["-t", "virtiofs"] + (["-o", "ro"] if readonly else []) + ["--", tag, mount_path]
         code, out = await guest_exec(send, "mount", args, timeout)
         if code != 0:
             return GuestMount(True, False, f"mount in the guest failed: {out or f'exit {code}'}")
@@ -307,48 +350,95 @@ class VirtiofsService:
             raise NotFoundError(f"VM {uuid} does not exist on this host")
         return found
 
-    def _model_center_of(self, real: str, root: str) -> str | None:
-        """The model-center uuid whose mount point holds ``real`` (first component)."""
-        rest = real[len(root.rstrip("/")) + 1:] if real != root else ""
-        return rest.split("/", 1)[0] or None
+    def _modelcenter(self):
+        svc = self.ctx.services.get(MODELCENTER_SERVICE)
+        if svc is None:
+            raise AgentError("virtiofs shares export model-center directories, but the "
+                             "modelcenter plugin is not loaded")
+        return svc
 
-    async def _resolve_source(self, source: str) -> str:
+    async def _resolve_source(self, source: str) -> tuple[str, str, str]:
+        """(real path, model-center uuid, path below its mount point) of ``source``.
+
+        Only a check of what was asked for: the export itself is made by :meth:`_bind`, which
+        walks ``rel`` again without following any symlink, under the model center's lock.
+        """
         real, exists, is_dir = await mounttable.resolve_path(source,
                                                              self.config.virtiofs_path_timeout)
-        root = await self.ctx.runner.run(os.path.realpath, str(self.config.models_root),
-                                         timeout=self.config.virtiofs_path_timeout)
-        if not (real == root or real.startswith(root.rstrip("/") + "/")):
+        root = str(self._modelcenter().root).rstrip("/") or "/"
+        if not real.startswith(root + "/"):
+            if real == root:
+                raise AgentError(f"sourcePath: {source} is the models root itself; share a "
+                                 f"directory of a mounted model center ({root}/<uuid>/...)")
             raise AgentError(f"sourcePath: {source} resolves to {real}, outside the models "
                              f"root {root}")
+        mc, _, rel = real[len(root) + 1:].partition("/")
         if not exists:
             raise AgentError(f"sourcePath: {source} does not exist")
         if not is_dir:
             raise AgentError(f"sourcePath: {source} is not a directory")
-        return real
+        return real, mc, rel
 
-    async def _bind_readonly(self, vm: str, tag: str, source: str) -> str:
+    def _check_model_center(self, source: str, mc: str) -> mounttable.MountEntry:
+        """The mount of model center ``mc``, which must be recorded and mounted now (the
+        caller holds its lock, so an umount cannot slip in before the share exists)."""
+        svc = self._modelcenter()
+        entry = svc.mounted(mc)
+        if entry is None:
+            raise AgentError(f"sourcePath: {source} is not inside a mounted model center "
+                             f"({svc.root}/<uuid>/...); mount it with /modelcenter/mount first")
+        return entry
+
+    @staticmethod
+    def _check_writable(source: str, mc: str, mc_entry: mounttable.MountEntry,
+                        readonly: bool) -> None:
+        # A bind mount of a directory below a read-only (bind) mount is writable unless made
+        # read-only itself: never hand out write access the model center's mount does not give.
+        if not readonly and mc_entry.readonly:
+            raise AgentError(f"sourcePath: {source} lies in model center {mc}, which is mounted "
+                             f"read-only; share it with readonly=true")
+
+    async def _bind(self, vm: str, tag: str, mc_entry: mounttable.MountEntry, rel: str,
+                    readonly: bool) -> str:
+        """Bind-mount ``<model-center mount>/<rel>`` at this share's export dir.
+
+        A killable child walks ``rel`` from the model-center mount one component at a time
+        (``O_PATH|O_NOFOLLOW|O_DIRECTORY``; a symlink anywhere fails the walk) and binds the
+        directory it opened (``/proc/self/fd/N``), so a symlink swapped in after the checks
+        cannot redirect the export. The result is then checked in the mount table: the
+        export's root must be exactly ``rel`` on the model center's device.
+        """
         bind = self.bind_path(vm, tag)
+        timeout = self.config.virtiofs_path_timeout
         await self.ctx.runner.run(bind.mkdir, parents=True, exist_ok=True, mode=0o755,
-                                  timeout=self.config.virtiofs_path_timeout)
+                                  timeout=timeout, what=f"mkdir {bind}")
         for _ in range(8):  # a stale bind mount, e.g. from a crash between bind and record
             if mounttable.mount_at(bind, self.config.procfs_root) is None:
                 break
             if not await mounttable.lazy_umount(bind):
                 raise AgentError(f"cannot clear the stale bind mount {bind}")
-        timeout = self.config.virtiofs_path_timeout
+        kind = "read-only" if readonly else "read-write"
+        source = os.path.join(mc_entry.mount_point, rel) if rel else mc_entry.mount_point
         try:
-            result = await run_process(["mount", "--bind", "-o", "ro", "--", source, str(bind)],
-                                       timeout=timeout)
+            result = await run_process(
+                [sys.executable, "-I", "-S", "-c", _BIND_FD, mc_entry.mount_point, rel,
+                 str(bind), "1" if readonly else "0"], timeout=timeout)
         except BlockingTimeout:
-            await mounttable.lazy_umount(bind)
-            raise AgentError(f"read-only bind mount of {source} did not finish within "
+            await self._unbind(str(bind))
+            raise AgentError(f"{kind} bind mount of {source} did not finish within "
                              f"{timeout:g}s (is the storage hung?)") from None
         if not result.ok:
-            raise AgentError(f"read-only bind mount of {source} failed: {result.describe()}")
-        entry = mounttable.mount_at(bind, self.config.procfs_root)
-        if entry is None or not entry.readonly:
             await self._unbind(str(bind))
-            raise AgentError(f"{bind} did not become a read-only bind mount of {source}")
+            err = result.stderr.decode(errors="replace").strip().splitlines()
+            raise AgentError(f"{kind} bind mount of {source} failed: "
+                             f"{err[-1] if err else result.describe()}")
+        entry = mounttable.mount_at(bind, self.config.procfs_root)
+        want_root = os.path.normpath(os.path.join(mc_entry.root, rel))
+        if entry is None or entry.dev != mc_entry.dev or entry.root != want_root \
+                or entry.readonly != readonly:
+            await self._unbind(str(bind))
+            raise AgentError(f"{bind} did not become a {kind} bind mount of {source} "
+                             f"(it changed while it was being shared?)")
         return str(bind)
 
     async def _unbind(self, path: str | None) -> None:
@@ -387,7 +477,7 @@ class VirtiofsService:
             if not has_shared_memory(live):
                 raise AgentError(f"VM {vm} has no shared memory backing (start it with "
                                  f"memoryBacking memfd-shared or hugepages)")
-            real = await self._resolve_source(source)
+            real, mc, rel = await self._resolve_source(source)
             existing = filesystem_element(live, tag)
             if existing is not None:
                 self._same_or_conflict(vm, tag, VirtiofsShare.from_element(existing), real,
@@ -396,13 +486,11 @@ class VirtiofsService:
             else:
                 # Hold the model center's lock too: its umount checks for shares under it,
                 # and must not run between that check and this attach.
-                root = await self.ctx.runner.run(os.path.realpath, str(self.config.models_root),
-                                                 timeout=self.config.virtiofs_path_timeout)
-                mc = self._model_center_of(real, root)
-                async with (self.ctx.locks.hold(MODELCENTER_LOCK, mc) if mc
-                            else contextlib.nullcontext()):
-                    await self._attach_new(dom, vm, tag, real, persistent, readonly, cache,
-                                           binary)
+                async with self.ctx.locks.hold(MODELCENTER_LOCK, mc):
+                    mc_entry = self._check_model_center(source, mc)
+                    self._check_writable(source, mc, mc_entry, readonly)
+                    await self._attach_new(dom, vm, tag, real, mc_entry, rel, persistent,
+                                           readonly, cache, binary)
         if not mount_path:
             return GuestMount(False, False, "in-guest mount not attempted: no mountPath given")
         if not has_guest_agent_channel(live):
@@ -428,8 +516,11 @@ class VirtiofsService:
                                 f"to change that")
 
     async def _attach_new(self, dom: libvirt.virDomain, vm: str, tag: str, real: str,
-                          persistent: bool, readonly: bool, cache: str, binary: str) -> None:
-        export = await self._bind_readonly(vm, tag, real) if readonly else real
+                          mc_entry: mounttable.MountEntry, rel: str, persistent: bool,
+                          readonly: bool, cache: str, binary: str) -> None:
+        # virtiofsd always exports a bind mount the agent made from a no-follow walk, never
+        # the requested path itself (which a symlink could redirect).
+        export = await self._bind(vm, tag, mc_entry, rel, readonly)
         share = VirtiofsShare(source_dir=real, tag=tag, binary=binary, readonly=readonly,
                               cache=cache, export_dir=export, readonly_in_xml=False)
         xml = share.to_xml()
@@ -443,8 +534,7 @@ class VirtiofsService:
             await self.call(lambda conn: dom.attachDeviceFlags(xml, flags))
         except BaseException:
             self.registry.drop(vm, tag)
-            if readonly:
-                await self._unbind(export)
+            await self._unbind(export)
             raise
         log.info("VM %s: virtiofs %s attached as tag %s (%s)", vm, real, tag,
                  "read-only" if readonly else "read-write")
@@ -534,7 +624,7 @@ class VirtiofsService:
     async def _forget(self, vm: str, tag: str) -> None:
         rec = self.registry.load(vm).get(tag)
         if rec is not None:
-            await self._unbind(rec.get("exportDir") if rec.get("readonly") else None)
+            await self._unbind(rec.get("exportDir"))  # only ever a bind under our root
             self.registry.drop(vm, tag)
         else:
             await self._unbind(str(self.bind_path(vm, tag)))

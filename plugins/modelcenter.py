@@ -6,7 +6,7 @@ from pydantic import Field, field_validator
 from kvmagent.context import AgentContext
 from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest, WireModel, secret
 from kvmagent.modelcenter import ModelCenterService, MountOptions, MountWatcher, StorageUrlError
-from kvmagent.modelcenter.service import SERVICE, ensure_models_root
+from kvmagent.modelcenter.service import SERVICE
 from kvmagent.modelcenter.urls import parse_storage_url
 from kvmagent.plugin import ASYNC, SYNC, Plugin
 from kvmagent.validate import Uuid
@@ -22,7 +22,7 @@ def service(ctx: AgentContext) -> ModelCenterService:
 async def _start(ctx: AgentContext) -> None:
     svc = ModelCenterService(ctx)
     ctx.services[SERVICE] = svc
-    ensure_models_root(ctx.config)
+    await svc.start()  # creates and resolves the models root
     # Neither blocks start-up: restores and probes run in the background.
     await svc.restore()
     watcher = MountWatcher(svc)

@@ -14,12 +14,13 @@ from kvmagent.virtiofs import SERVICE, VirtiofsService
 
 plugin = Plugin("virtiofs", "live virtiofs shares of model directories into VMs")
 
-_TAG = re.compile(r"^[A-Za-z0-9._-]{1,36}$")
+# No leading '-': the tag is an argument of mount(8) in the guest.
+_TAG = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,35}$")
 
 
 def _tag(value: str) -> str:
     if not _TAG.match(value):
-        raise ValueError("must be 1-36 characters of A-Z a-z 0-9 . _ -")
+        raise ValueError("must be 1-36 characters of A-Z a-z 0-9 . _ -, not starting with '-'")
     return value
 
 

@@ -170,7 +170,7 @@ async def test_nfs_without_mount_nfs_is_a_clear_error(make_agent, mn):
 
 async def test_file_url_is_a_bind_mount_read_only_on_request(make_agent, mn, tmp_path,
                                                              mount_cleanup):  # noqa: F811
-    agent = await make_agent(plugins=_plugins())
+    agent = await make_agent(plugins=_plugins(), modelcenter_file_roots=[tmp_path])
     src = tmp_path / "local-models"
     (src / "m1").mkdir(parents=True)
     (src / "m1" / "weights.bin").write_text("w")
@@ -194,6 +194,37 @@ async def test_file_url_is_a_bind_mount_read_only_on_request(make_agent, mn, tmp
     assert (await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}))["success"]
     assert mounttable.mount_at(point) is None and not point.exists()
     assert (src / "m1" / "weights.bin").exists()
+
+
+async def test_file_urls_only_from_the_configured_roots_and_never_proc_sys_dev(
+        make_agent, mn, tmp_path, mount_cleanup):  # noqa: F811
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    (allowed / "m").mkdir(parents=True)
+    other.mkdir()
+    (allowed / "sneaky").symlink_to(other)
+
+    async def mount(agent, path):
+        return await agent.call_async(mn, "/modelcenter/mount", {
+            "modelCenterUuid": uid(), "storageUrl": f"file://{path}"})
+
+    default = await make_agent(plugins=_plugins())
+    reply = await mount(default, allowed / "m")
+    assert reply["success"] is False and "modelcenter_file_roots" in reply["error"]
+    await default.client.close()
+
+    agent = await make_agent(plugins=_plugins(), modelcenter_file_roots=[allowed])
+    for path in (other, allowed / "sneaky"):
+        reply = await mount(agent, path)
+        assert reply["success"] is False and "outside the directories allowed" in reply["error"]
+    await agent.client.close()
+
+    everything = await make_agent(plugins=_plugins(), modelcenter_file_roots=[Path("/")])
+    for path in ("/proc/self", "/sys/kernel", "/dev", "/dev/shm"):
+        reply = await mount(everything, path)
+        assert reply["success"] is False and "may never be bind-mounted" in reply["error"], path
+    assert not [e for e in mounttable.read_mounts()
+                if e.mount_point.startswith(str(everything.config.models_root))]
+    assert (await mount(everything, allowed / "m"))["success"]
 
 
 def _plugins():

@@ -83,8 +83,8 @@ async def test_guest_mount_through_the_guest_agent_protocol():
     result = await guest_mount(send, "llama", "/data/m x", True, 5)
     assert (result.attempted, result.success, result.error) == (True, True, None)
     execs = [c for c in calls if isinstance(c, tuple)]
-    assert execs == [("cat", ["/proc/mounts"]), ("mkdir", ["-p", "/data/m x"]),
-                     ("mount", ["-t", "virtiofs", "-o", "ro", "llama", "/data/m x"])]
+    assert execs == [("cat", ["/proc/mounts"]), ("mkdir", ["-p", "--", "/data/m x"]),
+                     ("mount", ["-t", "virtiofs", "-o", "ro", "--", "llama", "/data/m x"])]
     calls.clear()
     again = await guest_mount(send, "llama", "/data/m x", True, 5)
     assert again.success and [c for c in calls if isinstance(c, tuple)] == [
@@ -106,7 +106,8 @@ def _plugins():
 @pytest.fixture
 async def vfs_agent(make_agent, mount_cleanup, workdir, guest_image, tmp_path):  # noqa: F811
     return await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
-                            juicefs_cache_dir=tmp_path / "jfscache")
+                            juicefs_cache_dir=tmp_path / "jfscache",
+                            modelcenter_file_roots=[tmp_path, workdir])
 
 
 @pytest.mark.libvirt
@@ -195,26 +196,33 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
         vfs_agent, mn, lv, guest_image, workdir, tmp_path):  # noqa: F811
     agent = vfs_agent
     models = Path(agent.config.models_root)
-    (models / "mc1" / "m").mkdir(parents=True)
-    (models / "mc1" / "weights.bin").write_text("x")
+    local = tmp_path / "local-models"
+    (local / "m").mkdir(parents=True)
+    (local / "weights.bin").write_text("x")
     outside = tmp_path / "outside"
     outside.mkdir()
-    (models / "mc1" / "escape").symlink_to(outside)
-    (models / "mc1" / "m" / "up").symlink_to("../../../outside")
+    (local / "escape").symlink_to(outside)
+    (local / "m" / "up").symlink_to("../../../outside")
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": uid(), "storageUrl": f"file://{local}"})
+    assert reply["success"], reply
+    mc1 = Path(reply["mountPoint"])
+    (models / "mc2" / "m").mkdir(parents=True)  # a directory, not a mounted model center
     vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
     dom = lv[0].lookupByUUIDString(vm.uuid)
     before = (dom.XMLDesc(0), dom.XMLDesc(INACTIVE))
-    good = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(models / "mc1" / "m"),
+    good = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(mc1 / "m"),
             "mountPath": "/models/m"}
 
     async def attach(**changes):
         return await agent.post("/virtiofs/attach", {**good, **changes})
 
     invalid = [  # HTTP 400 naming the field
-        ({"sourcePath": f"{models}/mc1/../../outside"}, "sourcePath"),
+        ({"sourcePath": f"{mc1}/../../outside"}, "sourcePath"),
         ({"sourcePath": "models/mc1/m"}, "sourcePath"),
         ({"tag": 'x"/><source dir="/etc'}, "tag"), ({"tag": "<tag>"}, "tag"),
         ({"tag": "a" * 37}, "tag"), ({"tag": "a b"}, "tag"), ({"tag": ""}, "tag"),
+        ({"tag": "-oremount"}, "tag"), ({"tag": "--bind"}, "tag"),
         ({"mountPath": "relative"}, "mountPath"), ({"cacheMode": "writeback"}, "cacheMode"),
         ({"vmInstanceUuid": "../etc"}, "vmInstanceUuid"),
     ]
@@ -222,16 +230,38 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
         status, reply = await attach(**change)
         assert status == 400 and f"field '{field}'" in reply["error"], (change, reply)
     failing = [  # run, and fail with a clear message
-        ({"sourcePath": str(models / "mc1" / "escape")}, "outside the models root"),
-        ({"sourcePath": str(models / "mc1" / "m" / "up")}, "outside the models root"),
-        ({"sourcePath": str(models / "mc1" / "nope")}, "does not exist"),
-        ({"sourcePath": str(models / "mc1" / "weights.bin")}, "is not a directory"),
+        ({"sourcePath": str(mc1 / "escape")}, "outside the models root"),
+        ({"sourcePath": str(mc1 / "m" / "up")}, "outside the models root"),
+        ({"sourcePath": str(mc1 / "nope")}, "does not exist"),
+        ({"sourcePath": str(mc1 / "weights.bin")}, "is not a directory"),
+        ({"sourcePath": str(models / "mc2" / "m")}, "not inside a mounted model center"),
+        ({"sourcePath": str(models)}, "the models root itself"),
         ({"vmInstanceUuid": uid()}, "does not exist on this host"),
     ]
     for change, message in failing:
         status, reply = await attach(**change)
         assert status == 200 and reply["success"] is False and message in reply["error"], \
             (change, reply)
+
+    # A symlink swapped in after the checks (TOCTOU) is not followed by the export, read-only
+    # or read-write: the agent binds what a no-follow walk opened.
+    svc = agent.ctx.services["virtiofs"]
+    checked = svc._resolve_source
+
+    async def racy(source):
+        found = await checked(source)
+        (local / "swap").rename(local / f"swap-{time.monotonic_ns()}")
+        (local / "swap").symlink_to(outside)
+        return found
+
+    svc._resolve_source = racy
+    for readonly in (True, False):
+        (local / "swap").unlink(missing_ok=True)
+        (local / "swap").mkdir()
+        status, reply = await attach(sourcePath=str(mc1 / "swap"), tag="swap", readonly=readonly)
+        assert status == 200 and reply["success"] is False, reply
+        assert "symbolic link" in reply["error"], reply
+    del svc._resolve_source
     assert (dom.XMLDesc(0), dom.XMLDesc(INACTIVE)) == before, "nothing changed"
     assert agent.ctx.state.names("virtiofs") == []
     ro_root = str(agent.config.state_dir / "virtiofs-ro")
@@ -277,16 +307,23 @@ async def test_vm_without_shared_memory_or_not_running_is_refused(
 @pytest.mark.libvirt
 @pytest.mark.guest
 async def test_unanswered_detach_times_out_clearly_and_umount_needs_force_while_shared(
-        make_agent, mount_cleanup, mn, lv, guest_image, workdir):  # noqa: F811
+        make_agent, mount_cleanup, mn, lv, guest_image, workdir, tmp_path):  # noqa: F811
+    # The models root is reached through a symlink: shares are recorded by real path, and the
+    # umount check must still see them.
+    (tmp_path / "models-real").mkdir()
+    (tmp_path / "models-link").symlink_to(tmp_path / "models-real")
     agent = await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
-                             virtiofs_detach_timeout=3)
+                             virtiofs_detach_timeout=3, models_root=tmp_path / "models-link",
+                             modelcenter_file_roots=[workdir])
     local = workdir / "local-models"
     (local / "m").mkdir(parents=True)
     (local / "m" / "a.txt").write_text("alpha\n")
     mc = uid()
     reply = await agent.call_async(mn, "/modelcenter/mount", {"modelCenterUuid": mc,
                                                                "storageUrl": f"file://{local}"})
-    source = Path(reply["mountPoint"]) / "m"
+    assert reply["mountPoint"] == str(tmp_path / "models-real" / mc), reply
+    source = tmp_path / "models-link" / mc / "m"
+    real_source = Path(reply["mountPoint"]) / "m"
     vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
     dom = lv[0].lookupByUUIDString(vm.uuid)
     body = {"vmInstanceUuid": vm.uuid, "tag": "slow", "sourcePath": str(source),
@@ -294,7 +331,12 @@ async def test_unanswered_detach_times_out_clearly_and_umount_needs_force_while_
     assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"]
     await vm.console.wait_for("VIRTIOFS-READ slow a.txt alpha", timeout=60)
     share = shares_in_xml(dom.XMLDesc(0))[0]
-    assert share.source_dir == str(source) and share.cache == "none", "read-write: no bind"
+    assert share.source_dir != str(real_source) and share.cache == "none"
+    bind = mounttable.mount_at(share.source_dir)
+    assert bind is not None and not bind.readonly, "read-write shares export an agent bind too"
+    assert bind.root == str(local / "m")
+    status = await agent.call("/virtiofs/status", {"vmInstanceUuid": vm.uuid})
+    assert status["shares"][0]["sourcePath"] == str(real_source)
 
     dom.suspend()  # a paused guest cannot answer the unplug request
     try:
@@ -321,5 +363,5 @@ async def test_unanswered_detach_times_out_clearly_and_umount_needs_force_while_
     forced = await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc,
                                                                  "force": True})
     assert forced == {"success": True, "error": None}
-    assert mounttable.mount_at(source.parent) is None
+    assert mounttable.mount_at(real_source.parent) is None
     assert (local / "m" / "a.txt").exists()

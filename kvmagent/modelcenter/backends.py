@@ -25,6 +25,12 @@ _DAEMON_IDS = ("import json,sys\n"
                "print(json.dumps([c.get('Pid'),c.get('PPid')]))")
 _JUICEFS_LINE = re.compile(r"<(?:FATAL|ERROR|WARNING)>: (?P<msg>.*?)(?: \[[^\]]*\])?$")
 NFS_HELPERS = ("/sbin/mount.nfs", "/usr/sbin/mount.nfs")
+# Never a file:// source, whatever modelcenter_file_roots says (nor "/" itself).
+FORBIDDEN_FILE_SOURCES = ("/proc", "/sys", "/dev")
+
+
+def _under(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in map(str, roots))
 
 
 def find_juicefs(config: AgentConfig) -> str | None:
@@ -254,8 +260,21 @@ class FileBackend(Backend):
     async def mount(self, url: StorageUrl, mount_point: Path, options: MountOptions,
                     uuid: str) -> None:
         assert url.path
+        if not self.config.modelcenter_file_roots:
+            raise AgentError(f"{url.masked}: file:// model storage is disabled on this host; "
+                             f"list the allowed host directories in the config key "
+                             f"modelcenter_file_roots")
         real, exists, is_dir = await mounttable.resolve_path(
             url.path, self.config.modelcenter_probe_timeout)
+        if _under(real, FORBIDDEN_FILE_SOURCES) or real == "/":
+            raise AgentError(f"{url.masked}: {real} may never be bind-mounted as model storage")
+        roots = await self.runner.run(
+            lambda: [os.path.realpath(r) for r in self.config.modelcenter_file_roots],
+            timeout=self.config.modelcenter_probe_timeout, what="resolving modelcenter_file_roots")
+        if not _under(real, roots):
+            raise AgentError(f"{url.masked}: {real} is outside the directories allowed for "
+                             f"file:// storage (config modelcenter_file_roots: "
+                             f"{', '.join(map(str, self.config.modelcenter_file_roots))})")
         if not is_dir:
             raise AgentError(f"{url.masked}: {url.path} is not a directory on this host")
         root = await self.runner.run(os.path.realpath, str(self.config.models_root),

@@ -27,14 +27,16 @@ class MountEntry:
     source: str
     options: str  # per-mount options (ro/rw, ...)
     root: str  # path inside the source file system that is mounted here
+    dev: str = ""  # major:minor of the file system
 
     @property
     def readonly(self) -> bool:
         return "ro" in self.options.split(",")
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
+def unescape(field: str) -> str:
+    """A path field of mountinfo or /proc/mounts (space, tab, newline and backslash are
+    written as ``\\ooo``)."""
     if "\\" not in field:
         return field
     out, i = [], 0
@@ -59,9 +61,9 @@ def read_mounts(procfs: Path | str = "/proc") -> list[MountEntry]:
             fields, tail = left.split(" "), right.split(" ")
             if len(fields) < 6 or len(tail) < 2:
                 continue
-            entries.append(MountEntry(mount_point=_unescape(fields[4]), fstype=tail[0],
-                                      source=_unescape(tail[1]), options=fields[5],
-                                      root=_unescape(fields[3])))
+            entries.append(MountEntry(mount_point=unescape(fields[4]), fstype=tail[0],
+                                      source=unescape(tail[1]), options=fields[5],
+                                      root=unescape(fields[3]), dev=fields[2]))
     return entries
 
 

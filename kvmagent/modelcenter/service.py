@@ -74,10 +74,31 @@ class ModelCenterService:
         self.config = ctx.config
         self.health: dict[str, Health] = {}
         self._repairing: set[str] = set()
+        # The models root with symlinks resolved (set by start()): the mount table, and the
+        # resolved source paths of virtiofs shares, name mounts by their real paths.
+        self.root = Path(self.config.models_root)
+
+    async def start(self) -> None:
+        """Create the models root and resolve it, off the event loop and bounded."""
+        def prepare() -> str:
+            ensure_models_root(self.config)
+            return os.path.realpath(self.config.models_root)
+
+        self.root = Path(await self.ctx.runner.run(
+            prepare, timeout=self.config.virtiofs_path_timeout, what="preparing the models root"))
 
     # -- plumbing ---------------------------------------------------------------------------
     def mount_point(self, uuid: str) -> Path:
-        return Path(self.config.models_root) / uuid
+        return self.root / uuid
+
+    def mounted(self, uuid: str) -> mounttable.MountEntry | None:
+        """The mount of a model center that is recorded and mounted now (its own kind), or
+        None. Virtiofs shares may only export directories of such mounts."""
+        record = self.record(uuid)
+        entry = self._mount_entry(uuid) if record is not None else None
+        if entry is None or not self.backend(record.kind).fstype_matches(entry):
+            return None
+        return entry
 
     def lock(self, uuid: str):
         return self.ctx.locks.hold(LOCK, uuid)
@@ -216,6 +237,7 @@ class ModelCenterService:
                 self.health.pop(uuid, None)
                 return
             try:
+                # Share paths are real paths (resolved at attach); so is mount_point.
                 users = [s for s in await list_shares(self.ctx)
                          if _inside(s.source_path, mount_point) or _inside(s.export_dir, mount_point)]
             except AgentError as exc:
