@@ -54,6 +54,7 @@ SYSTEMD_MARKER = Path("/run/systemd/system")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 INSTALL_TIMEOUT = 900.0
 POLL_INTERVAL = 0.3
+LOCAL_TIMEOUT = 30.0  # a /proc walk or PATH lookup; only a very sick host takes this long
 POOL = "docker"
 
 
@@ -208,7 +209,7 @@ class DockerEngine:
             if not self.url.startswith("unix://"):
                 raise first
             log.warning("%s; bringing the engine up", first)
-            dockerd = self.find_dockerd()
+            dockerd = await self._local(self.find_dockerd, "dockerd lookup")
             if dockerd is None:
                 if not self.config.docker_install_allowed:
                     raise AgentError(
@@ -216,20 +217,26 @@ class DockerEngine:
                         f"found); install docker.io, or set docker_install_allowed = true to let "
                         f"the agent install it")
                 await self.install()
-                dockerd = self.find_dockerd()
+                dockerd = await self._local(self.find_dockerd, "dockerd lookup")
                 if dockerd is None:
                     raise AgentError(f"installed docker.io but {self.config.dockerd_binary} is "
                                      f"still not found")
-            running = self.dockerd_pids()
+            # A walk over /proc (every process's stat/status): off the loop.
+            running = await self._local(self.dockerd_pids, "dockerd process scan")
             if running:
                 # Never a second daemon: this one may be starting, or listening elsewhere.
                 return await self._wait(
                     f"dockerd (pid {', '.join(map(str, running))}) is running but does not "
                     f"answer there")
-            plan = plan_start(self.config, dockerd, self.systemd_running())
+            systemd = await self._local(self.systemd_running, "systemd check")
+            plan = plan_start(self.config, dockerd, systemd)
             await self._start(plan)
             return await self._wait(f"started dockerd ({plan.method}) but it did not answer "
                                     f"within {self.config.docker_start_timeout:g}s")
+
+    async def _local(self, fn: Callable[[], T], what: str) -> T:
+        """A local check (PATH lookup, /proc walk, stat) in the docker pool, bounded."""
+        return await self.runner.run(fn, timeout=LOCAL_TIMEOUT, pool=POOL, what=what)
 
     async def _start(self, plan: StartPlan) -> None:
         log.info("starting the docker engine (%s): %s", plan.method, " ".join(plan.argv))
@@ -262,9 +269,10 @@ class DockerEngine:
             spawned = self._spawned
             if spawned is not None and spawned.poll() is not None:
                 self._spawned = None
+                log_file = self.config.dockerd_log_file
+                tail = await self._local(lambda: _last_line(log_file), "dockerd log tail")
                 raise AgentError(f"dockerd exited with code {spawned.returncode} right after "
-                                 f"start: {_last_line(self.config.dockerd_log_file)} "
-                                 f"(log: {self.config.dockerd_log_file})")
+                                 f"start: {tail} (log: {log_file})")
             if time.monotonic() >= deadline:
                 raise AgentError(f"docker engine unreachable at {self.url}: {last.reason}; {what}")
             await asyncio.sleep(POLL_INTERVAL)

@@ -13,6 +13,11 @@ Counting rules (the kernel's, spelled out):
 - ``reserved`` (``resv_hugepages``, host pool only; the kernel does not expose it per node) are
   free pages already promised to a mapping. They are not *available*:
   ``available = free - reserved``.
+- A NUMA node pool has no reserved count of its own, and any of the host's reserved pages may
+  be free pages of this node. So a node pool is counted conservatively:
+  ``available = min(node free, host free - host reserved)`` (same page size), and the node's
+  ``reserved`` is reported as ``node free - available``, the share of the host's reserved
+  pages that may sit on this node.
 - *ensure(count)* makes ``available >= count`` by growing the pool by the shortfall only. The
   kernel may give fewer pages than asked (fragmented memory, too little free memory): the pool
   is re-read, memory is compacted once and the write retried, and if pages are still missing the
@@ -33,12 +38,13 @@ import os
 import re
 import threading
 from collections.abc import Callable
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
-from .blocking import run_process
+from .blocking import BlockingRunner, run_process
 from .errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -164,17 +170,25 @@ class HugePages:
 
     def read(self, page_size: str, numa_node: int | None = None) -> PoolState:
         pool = self.pool_dir(page_size, numa_node)
-        return self._read_pool(pool)
+        host = None if numa_node is None else self.pool_dir(page_size)
+        return self._read_pool(pool, host)
 
-    def _read_pool(self, pool: Path) -> PoolState:
+    def _read_pool(self, pool: Path, host: Path | None = None) -> PoolState:
+        """One pool; for a node pool, ``host`` is the host pool of the same page size, whose
+        reserved pages bound what the node has available (see the module's counting rules)."""
         def optional(name: str) -> int:
             path = pool / name
             return self._read_int(path) if path.exists() else 0
 
-        return PoolState(total=self._read_int(pool / "nr_hugepages"),
-                         free=self._read_int(pool / "free_hugepages"),
-                         reserved=optional("resv_hugepages"),
-                         surplus=optional("surplus_hugepages"))
+        state = PoolState(total=self._read_int(pool / "nr_hugepages"),
+                          free=self._read_int(pool / "free_hugepages"),
+                          reserved=optional("resv_hugepages"),
+                          surplus=optional("surplus_hugepages"))
+        if host is None:
+            return state
+        host_state = self._read_pool(host)
+        available = max(min(state.free - state.reserved, host_state.available), 0)
+        return dataclasses.replace(state, reserved=state.free - available)
 
     def _set_total(self, pool: Path, value: int) -> OSError | None:
         try:
@@ -197,9 +211,10 @@ class HugePages:
         """At least ``count`` available pages; grows by the shortfall, or fails and rolls back."""
         _check_count(count)
         pool = self.pool_dir(page_size, numa_node)
+        host = None if numa_node is None else self.pool_dir(page_size)
         where = _where(page_size, numa_node)
         with self._lock:
-            before = self._read_pool(pool)
+            before = self._read_pool(pool, host)
             if before.available >= count:
                 return before
             shortfall = count - before.available
@@ -214,17 +229,17 @@ class HugePages:
             log.info("hugepages %s: %d -> %d pages (want %d available, have %d)",
                      where, before.total, target, count, before.available)
             error = self._set_total(pool, target)
-            after = self._read_pool(pool)
+            after = self._read_pool(pool, host)
             if after.available < count and error is None:
                 # Fragmented memory is the usual reason: compact once, then ask again.
                 self._compact()
                 error = self._set_total(pool, target)
-                after = self._read_pool(pool)
+                after = self._read_pool(pool, host)
             if after.available >= count:
                 return after
             got = max(after.total - before.total, 0)
             rollback_error = self._set_total(pool, before.total)
-            final = self._read_pool(pool)
+            final = self._read_pool(pool, host)
             reason = (f"the kernel refused: {error.strerror or error}" if error is not None else
                       "memory is too fragmented or too little of it is free")
             rolled = (f"rolled back to {final.total} pages" if rollback_error is None else
@@ -238,8 +253,9 @@ class HugePages:
         """Give back up to ``count`` pages, only ones available (never one in use or reserved)."""
         _check_count(count)
         pool = self.pool_dir(page_size, numa_node)
+        host = None if numa_node is None else self.pool_dir(page_size)
         with self._lock:
-            before = self._read_pool(pool)
+            before = self._read_pool(pool, host)
             take = min(count, before.available)
             if take <= 0:
                 return before
@@ -249,7 +265,7 @@ class HugePages:
             if error is not None:
                 raise HugepageError(f"could not release {_where(page_size, numa_node)} hugepages: "
                                     f"{error.strerror or error}")
-            return self._read_pool(pool)
+            return self._read_pool(pool, host)
 
 
 def _check_count(count: int) -> None:
@@ -326,16 +342,10 @@ def _default_page_kb(procfs_root: Path) -> int:
     return PAGE_SIZES_KB["2M"]
 
 
-async def ensure_hugetlbfs(procfs_root: Path, page_size: str, mount_point: Path, *,
-                           timeout: float = 30.0) -> str:
-    """A hugetlbfs mount with ``page_size`` pages: an existing one, else one at ``mount_point``.
-
-    An existing mount at ``mount_point`` itself is preferred; a mount point that holds some
-    other file system (or hugetlbfs of another page size) is an error, never mounted over.
-    """
-    size_kb(page_size)
+def _existing_or_prepare(procfs_root: Path, page_size: str, target: str) -> str | None:
+    """Blocking half of :func:`ensure_hugetlbfs`: a usable existing mount, or None once
+    ``target`` is ready to be mounted on (created if missing)."""
     existing = hugetlbfs_mounts(procfs_root, page_size)
-    target = os.path.normpath(str(mount_point))  # noqa: ASYNC240 (string operation, no I/O)
     if target in existing:
         return target
     if existing:
@@ -349,12 +359,32 @@ async def ensure_hugetlbfs(procfs_root: Path, page_size: str, mount_point: Path,
         os.makedirs(target, mode=0o755, exist_ok=True)
     except OSError as exc:
         raise AgentError(f"cannot create hugetlbfs mount point {target}: {exc.strerror}") from None
+    return None
+
+
+async def ensure_hugetlbfs(procfs_root: Path, page_size: str, mount_point: Path, *,
+                           runner: BlockingRunner, timeout: float = 30.0) -> str:
+    """A hugetlbfs mount with ``page_size`` pages: an existing one, else one at ``mount_point``.
+
+    An existing mount at ``mount_point`` itself is preferred; a mount point that holds some
+    other file system (or hugetlbfs of another page size) is an error, never mounted over.
+    The mount table reads and the ``makedirs`` (the mount point's parent may be on any file
+    system) run in ``runner``, the mount in a killable child process, each within ``timeout``.
+    """
+    size_kb(page_size)
+    target = os.path.normpath(str(mount_point))  # noqa: ASYNC240 (string operation, no I/O)
+    found = await runner.run(_existing_or_prepare, procfs_root, page_size, target,
+                             timeout=timeout, what=f"hugetlbfs lookup for {target}")
+    if found is not None:
+        return found
     result = await run_process(["mount", "-t", "hugetlbfs", "-o", f"pagesize={page_size}",
                                 "nodev", target], timeout=timeout)
     if not result.ok:
         raise AgentError(f"mounting hugetlbfs ({page_size}) on {target} failed: "
                          f"{result.describe()}")
-    if target not in hugetlbfs_mounts(procfs_root, page_size):
+    mounted = await runner.run(hugetlbfs_mounts, procfs_root, page_size, timeout=timeout,
+                               what="hugetlbfs mount check")
+    if target not in mounted:
         raise AgentError(f"mounted hugetlbfs on {target} but it does not show {page_size} pages")
     log.info("mounted hugetlbfs pagesize=%s on %s", page_size, target)
     return target

@@ -11,10 +11,9 @@ anything is changed.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from kvmagent.context import AgentContext
 from kvmagent.dispatch import BadRequest
@@ -29,6 +28,7 @@ from kvmagent.hugepages import (
 )
 from kvmagent.models import AgentRequest, AgentResponse
 from kvmagent.plugin import ASYNC, SYNC, Plugin
+from kvmagent.validate import AbsPath
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,20 @@ class HugepagesRsp(AgentResponse):
                                           "host pool only): what ensure guarantees")
 
 
+def _names_a_file(value: str) -> str:
+    """On top of :data:`AbsPath`: a socket is a file, so no trailing '/' (and not '/' or a
+    leading '//', which POSIX leaves implementation-defined)."""
+    if value.endswith("/") or value.startswith("//"):
+        raise ValueError("must name a file: no trailing '/' and no leading '//'")
+    return value
+
+
+SocketPath = Annotated[AbsPath, AfterValidator(_names_a_file)]
+
+
 class HealthCmd(AgentRequest):
     container_name: str = Field(pattern=CONTAINER_NAME)
-    socket_path: str = Field(min_length=2, max_length=4096)
-
-    @field_validator("socket_path")
-    @classmethod
-    def _normalized_absolute(cls, value: str) -> str:
-        if "\0" in value or not value.startswith("/") or os.path.normpath(value) != value \
-                or value.startswith("//"):
-            raise ValueError("must be an absolute normalized path (no '..', '//', '.' or "
-                             "trailing '/')")
-        return value
+    socket_path: SocketPath
 
 
 class HealthRsp(AgentResponse):
@@ -149,7 +151,8 @@ async def prepare_env(ctx: AgentContext, req: PrepareEnvCmd) -> PrepareEnvRsp:
                                      req.numa_node, timeout=HUGEPAGE_TIMEOUT,
                                      what="hugepages ensure")
         mount = await ensure_hugetlbfs(ctx.config.procfs_root, VHOST_PAGE_SIZE,
-                                       ctx.config.hugetlbfs_mount_point, timeout=MOUNT_TIMEOUT)
+                                       ctx.config.hugetlbfs_mount_point, runner=ctx.runner,
+                                       timeout=MOUNT_TIMEOUT)
     return PrepareEnvRsp(hugepages_total=state.total, hugepages_free=state.free,
                          hugetlbfs_mount=mount, docker_version=version)
 

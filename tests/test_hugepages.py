@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kvmagent.blocking import run_process
+from kvmagent.blocking import BlockingRunner, run_process
+from kvmagent.errors import AgentError
 from kvmagent.hugepages import (
     HugepageError,
     HugepageInputError,
@@ -85,6 +86,11 @@ class FakeKernel(HugePages):
         new = max(min(value, self.capacity), in_use)
         super()._write_int(pool / "nr_hugepages", new)
         super()._write_int(pool / "free_hugepages", new - in_use)
+        if pool.parent.name == "hugepages" and pool.parent.parent.name.startswith("node"):
+            # A node pool's pages are the host pool's too.
+            host = self.sysfs_root / "kernel/mm/hugepages" / pool.name
+            for name in ("nr_hugepages", "free_hugepages"):
+                super()._write_int(host / name, self._read_int(host / name) + new - nr)
 
 
 def pool_of(sysfs: Path, size: str = "2M") -> PoolState:
@@ -172,7 +178,8 @@ def test_numa_node_and_page_size_lookups(tmp_path):
     hp = FakeKernel(sysfs, procfs)
     assert hp.numa_nodes() == [0, 1]
     assert hp.ensure("2M", 6, numa_node=1).total == 6
-    assert pool_of(sysfs).total == 4  # the host file of the fake is not the node's
+    assert len(hp.writes) == 1  # the node's file; the fake kernel grows the host pool with it
+    assert pool_of(sysfs).total == 6
     with pytest.raises(HugepageInputError, match=r"field 'numaNode': NUMA node 5 does not exist "
                                                  r"on this host \(nodes: 0, 1\)"):
         hp.ensure("2M", 1, numa_node=5)
@@ -182,6 +189,40 @@ def test_numa_node_and_page_size_lookups(tmp_path):
         hp.ensure("4M", 1)
     with pytest.raises(HugepageInputError, match="field 'count'"):
         hp.release("2M", -1)
+
+
+def set_pool(sysfs: Path, size: str, node: int | None, **values: int) -> None:
+    base = (sysfs / "kernel/mm/hugepages" if node is None else
+            sysfs / f"devices/system/node/node{node}/hugepages")
+    for name, value in values.items():
+        (base / f"hugepages-{KB[size]}kB" / f"{name}_hugepages").write_text(f"{value}\n")
+
+
+def test_node_pool_counts_host_reserved_pages_as_taken(tmp_path):
+    """The kernel has no per-node resv_hugepages: a node pool may hold every reserved page of
+    the host, so its available pages are min(node free, host free - host reserved)."""
+    sysfs, procfs = make_tree(tmp_path, {"2M": (10, 8)}, resv=6, nodes=2)
+    set_pool(sysfs, "2M", 0, nr=10, free=8)      # all the host's pages are on node 0
+    set_pool(sysfs, "2M", 1, nr=0, free=0)
+    hp = FakeKernel(sysfs, procfs)
+    node0 = hp.read("2M", 0)
+    assert (node0.total, node0.free, node0.available) == (10, 8, 2)
+    assert node0.reserved == 6
+    # ensure: 2 available, 4 wanted -> grows by 2 (not "already enough": 8 free).
+    state = hp.ensure("2M", 4, numa_node=0)
+    assert hp.writes == [("hugepages-2048kB", 12)]
+    assert (state.total, state.free, state.available) == (12, 10, 4)
+    assert hp.ensure("2M", 4, numa_node=0) == state and len(hp.writes) == 1
+    # release: never more than the available ones, whatever is asked.
+    state = hp.release("2M", 100, numa_node=0)
+    assert hp.writes[-1] == ("hugepages-2048kB", 8)
+    assert (state.total, state.free, state.available) == (8, 6, 0)
+    assert pool_of(sysfs).free - pool_of(sysfs).reserved == 0   # host: reserved pages kept
+    assert hp.release("2M", 100, numa_node=0) == state and len(hp.writes) == 2
+    # The other node's pool, fully free and unreserved by the bound: both pools count.
+    set_pool(sysfs, "2M", 1, nr=4, free=4)
+    set_pool(sysfs, "2M", None, nr=12, free=10)
+    assert hp.read("2M", 1).available == 4
 
 
 def test_concurrent_ensures_allocate_once(tmp_path):
@@ -216,6 +257,44 @@ def test_mountinfo_parsing(tmp_path):
     assert hugetlbfs_mounts(tmp_path, "2M") == ["/dev/hugepages", "/mnt/nosize"]
     assert hugetlbfs_mounts(tmp_path, "1G") == ["/mnt/huge 1g"]
     assert parse_size_kb("2M") == 2048 and parse_size_kb("1G") == parse_size_kb("1024M")
+
+
+class RecordingRunner(BlockingRunner):
+    """A runner that notes what ran in it (and on which thread)."""
+
+    def __init__(self):
+        super().__init__({"default": 2})
+        self.calls: list[tuple[str, str]] = []
+
+    async def run(self, fn, *args, timeout, pool="default", what=None, **kwargs):
+        def traced(*a, **kw):
+            self.calls.append((what or fn.__name__, threading.current_thread().name))
+            return fn(*a, **kw)
+        return await super().run(traced, *args, timeout=timeout, pool=pool, what=what, **kwargs)
+
+
+async def test_ensure_hugetlbfs_reads_mounts_off_the_loop(tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("Hugepagesize:       2048 kB\n")
+    target = tmp_path / "hp"
+    (proc / "self/mountinfo").write_text(
+        "22 1 0:21 / / rw - ext4 /dev/vda1 rw\n"
+        "30 22 0:30 / /dev/hugepages rw - hugetlbfs hugetlbfs rw,pagesize=2M\n"
+        f"31 22 0:31 / {target} rw - hugetlbfs nodev rw,pagesize=1024M\n")
+    runner = RecordingRunner()
+    try:
+        assert await ensure_hugetlbfs(proc, "2M", target, runner=runner) == "/dev/hugepages"
+        assert runner.calls and all(t.startswith("kvmagent-") for _, t in runner.calls)
+        # No 2M mount, and the mount point holds a 1G one: refused, nothing mounted.
+        (proc / "self/mountinfo").write_text(
+            "22 1 0:21 / / rw - ext4 /dev/vda1 rw\n"
+            f"31 22 0:31 / {target} rw - hugetlbfs nodev rw,pagesize=1024M\n")
+        with pytest.raises(AgentError, match="not hugetlbfs with 2M pages"):
+            await ensure_hugetlbfs(proc, "2M", target, runner=runner)
+        assert len(runner.calls) == 2
+    finally:
+        runner.shutdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,12 +480,13 @@ async def test_real_hugetlbfs_mount_created_then_reused(real_pools, tmp_path):
     proc = Path("/proc")
     existing = hugetlbfs_mounts(proc, "2M")
     target = tmp_path / "hp2m"
-    got = await ensure_hugetlbfs(proc, "2M", target)
+    runner = BlockingRunner({"default": 2})
+    got = await ensure_hugetlbfs(proc, "2M", target, runner=runner)
     if existing:
         assert got in existing  # an existing 2M mount is reused, no second one
     else:
         assert got == str(target) and got in hugetlbfs_mounts(proc, "2M")
-    assert await ensure_hugetlbfs(proc, "2M", target) == got  # idempotent
+    assert await ensure_hugetlbfs(proc, "2M", target, runner=runner) == got  # idempotent
     # A mount point holding a 1G hugetlbfs is never mounted over.
     if not existing:
         await run_process(["umount", got], timeout=30, check=True)
@@ -414,4 +494,5 @@ async def test_real_hugetlbfs_mount_created_then_reused(real_pools, tmp_path):
             await run_process(["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "nodev",
                                str(target)], timeout=30, check=True)
             with pytest.raises(Exception, match="not hugetlbfs with 2M pages"):
-                await ensure_hugetlbfs(proc, "2M", target)
+                await ensure_hugetlbfs(proc, "2M", target, runner=runner)
+    runner.shutdown()

@@ -424,6 +424,40 @@ async def test_health_engine_unreachable(make_agent, short_dir, silent_socket):
         assert reply["reason"].startswith("docker engine unreachable: "), reply
 
 
+async def test_engine_start_checks_run_off_the_loop(short_dir, monkeypatch):
+    """The PATH lookup, the /proc walk for a running dockerd and the systemd check of
+    ensure_running run in the docker pool, never on the event loop's thread."""
+    from kvmagent.blocking import BlockingRunner
+    from kvmagent.docker_engine import DockerEngine
+
+    threads: dict[str, str] = {}
+
+    def noting(name, result):
+        def fn(*_args):
+            threads[name] = threading.current_thread().name
+            return result
+        return fn
+
+    config = AgentConfig(docker_url=f"unix://{short_dir}/nothing.sock", docker_timeout=1,
+                         docker_start_timeout=0.3)
+    runner = BlockingRunner({"default": 2})
+    engine = DockerEngine(config, runner)
+    monkeypatch.setattr(engine, "find_dockerd", noting("find", "/usr/bin/dockerd"))
+    monkeypatch.setattr(engine, "dockerd_pids", noting("pids", [4242]))
+    try:
+        with pytest.raises(Exception, match=r"dockerd \(pid 4242\) is running"):
+            await engine.ensure_running()
+        monkeypatch.setattr(engine, "dockerd_pids", noting("pids", []))
+        monkeypatch.setattr(engine, "systemd_running", noting("systemd", False))
+        monkeypatch.setattr(engine, "_start", lambda plan: asyncio.sleep(0))
+        with pytest.raises(Exception, match="did not answer"):
+            await engine.ensure_running()
+    finally:
+        runner.shutdown()
+    assert sorted(threads) == ["find", "pids", "systemd"], threads
+    assert all(t.startswith("kvmagent-docker") for t in threads.values()), threads
+
+
 @pytest.mark.parametrize("body, field", [
     ({"containerName": "bad name", "socketPath": "/run/x.sock"}, "containerName"),
     ({"containerName": "-leading", "socketPath": "/run/x.sock"}, "containerName"),
@@ -435,6 +469,9 @@ async def test_health_engine_unreachable(make_agent, short_dir, silent_socket):
     ({"containerName": "target", "socketPath": "/run//x.sock"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/run/x/"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/run/\u0000x"}, "socketPath"),
+    ({"containerName": "target", "socketPath": "//run/x.sock"}, "socketPath"),
+    ({"containerName": "target", "socketPath": "/"}, "socketPath"),
+    ({"containerName": "target", "socketPath": "/run/./x.sock"}, "socketPath"),
     ({"containerName": "target"}, "socketPath"),
 ])
 async def test_health_bad_input_is_400(agent, body, field):
