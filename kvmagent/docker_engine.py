@@ -270,7 +270,8 @@ class DockerEngine:
             if spawned is not None and spawned.poll() is not None:
                 self._spawned = None
                 log_file = self.config.dockerd_log_file
-                tail = await self._local(lambda: _last_line(log_file), "dockerd log tail")
+                tail = await self.runner.run(_last_line, log_file, timeout=LOCAL_TIMEOUT,
+                                             pool=POOL, what="dockerd log tail")
                 raise AgentError(f"dockerd exited with code {spawned.returncode} right after "
                                  f"start: {tail} (log: {log_file})")
             if time.monotonic() >= deadline:
