@@ -21,11 +21,13 @@ IfName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0
 
 
 def _absolute_clean(value: str) -> str:
+    """An absolute, normalized path; a trailing '/' is dropped (MNs send both forms)."""
     if "\x00" in value:
         raise ValueError("must not contain NUL")
     if not value.startswith("/"):
         raise ValueError("must be an absolute path")
-    if os.path.normpath(value) != value.rstrip("/") and value != "/":
+    value = value.rstrip("/") or "/"
+    if value.startswith("//") or os.path.normpath(value) != value:
         raise ValueError("must be a normalized path (no '..', '.', or '//')")
     return value
 
