@@ -448,6 +448,96 @@ async def test_hung_juicefs_is_killed_and_remounted(make_agent, mn, tmp_path, mo
     assert listed["mounts"][0]["healthy"] is True and listed["mounts"][0]["remounts"] == 1
 
 
+def _pretend_shared(agent, point: Path) -> None:
+    """The model center looks shared with a running VM (no VM needed)."""
+    from kvmagent.virtiofs import Share
+
+    async def shares_using(uuid):
+        return [Share("vm-1", "models", str(point / "m"), "/var/x/tag-models", True, "auto")]
+
+    agent.ctx.services["modelcenter"].shares_using = shares_using
+
+
+@pytest.mark.juicefs
+async def test_hung_juicefs_shared_with_vms_is_not_killed_but_marked_unhealthy(
+        make_agent, mn, tmp_path, mount_cleanup, volume, caplog):  # noqa: F811
+    interval, probe = 0.3, 1.0
+    agent = await make_agent(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache",
+                             modelcenter_health_interval=interval,
+                             modelcenter_probe_timeout=probe, modelcenter_remount_after=1)
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    point = Path(reply["mountPoint"])
+    _pretend_shared(agent, point)
+    health = agent.ctx.services["modelcenter"].health
+    procs = daemons(point)
+    pids = sorted(p.pid for p in procs)
+    try:
+        signal_all(procs, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while "not remounted" not in (health[mc].reason or ""):
+            assert time.monotonic() < deadline, f"no withheld remount: {health[mc]}"
+            await asyncio.sleep(0.1)
+        assert "shared with running VMs (vm-1/models)" in health[mc].reason
+        assert "juicefs pid" in health[mc].reason and "still alive" in health[mc].reason
+        assert health[mc].next_repair_at is not None and health[mc].repair_failures >= 1
+        await asyncio.sleep(3)
+        assert all(alive(pid) for pid in pids), "a slow, shared juicefs is never killed"
+        assert health[mc].remounts == 0 and mounttable.mounts_at(point) == 1
+        # Backoff: attempts at I, 2I, 4I, ... apart, not every round.
+        assert health[mc].repair_failures <= 5, health[mc]
+        assert "NOT remounted" in caplog.text
+    finally:
+        signal_all(procs, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while not health[mc].healthy:
+        assert time.monotonic() < deadline, "not healthy again after SIGCONT"
+        await asyncio.sleep(0.1)
+    assert sorted(p.pid for p in daemons(point)) == pids and health[mc].repair_failures == 0
+
+
+def test_repair_backoff_doubles_up_to_the_cap():
+    from kvmagent.modelcenter.service import REPAIR_BACKOFF_CAP, Health
+
+    health = Health()
+    delays = [health.repair_failed(10, REPAIR_BACKOFF_CAP) for _ in range(8)]
+    assert delays == [10, 20, 40, 80, 160, 300, 300, 300]
+    health.repaired()
+    assert (health.repair_failures, health.next_repair_at) == (0, None)
+
+
+def _fake_juicefs(tmp_path: Path) -> subprocess.Popen:
+    """A process named juicefs in its own session (like a juicefs of another mount)."""
+    fake = tmp_path / "bin" / "juicefs"
+    fake.parent.mkdir(exist_ok=True)
+    if not fake.exists():
+        fake.symlink_to("/bin/sleep")
+    return subprocess.Popen([str(fake), "60"], start_new_session=True)
+
+
+def test_stored_daemon_ids_are_trusted_only_with_the_same_boot_and_start_time(tmp_path):
+    proc = _fake_juicefs(tmp_path)
+    try:
+        started = psutil.Process(proc.pid).create_time()
+        mine = {"pid": proc.pid, "ppid": None, "sid": proc.pid, "bootId": mounttable.boot_id(),
+                "started": {str(proc.pid): started}}
+        point = tmp_path / "models" / "mc"
+        for stale in ({**mine, "bootId": "another-boot"},
+                      {**mine, "started": {str(proc.pid): started - 100}},
+                      {"pid": proc.pid, "ppid": None, "sid": proc.pid},  # an old record
+                      None):
+            assert mounttable.trusted_ids(stale) == ([], None), stale
+            assert mounttable.kill_daemons(point, "juicefs", stale) == []
+            assert proc.poll() is None, f"killed a process not tied to the mount: {stale}"
+        assert mounttable.trusted_ids(mine) == ([proc.pid], proc.pid)
+        assert mounttable.kill_daemons(point, "juicefs", mine) == [proc.pid]
+        proc.wait(5)  # (reaped already by kill_daemons' wait: no status to check)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.juicefs
 async def test_dead_juicefs_is_remounted(make_agent, mn, tmp_path, mount_cleanup, volume):  # noqa: F811
     agent = await make_agent(plugins=_plugins(), juicefs_cache_dir=tmp_path / "jfscache",
@@ -457,6 +547,7 @@ async def test_dead_juicefs_is_remounted(make_agent, mn, tmp_path, mount_cleanup
     reply = await agent.call_async(mn, "/modelcenter/mount", {
         "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
     point = Path(reply["mountPoint"])
+    _pretend_shared(agent, point)  # shared, but nothing serves it any more: remount anyway
     (point / "a.txt").write_text("a\n")
     old = [p.pid for p in daemons(point)]
     signal_all(daemons(point), signal.SIGKILL)  # supervisor and worker: the mount is dead

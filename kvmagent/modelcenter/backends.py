@@ -98,6 +98,10 @@ class Backend:
         """Ids of the process serving the mount (FUSE daemons), to find it when it hangs."""
         return None
 
+    async def daemon_alive(self, mount_point: Path, daemon: dict | None = None) -> list[int]:
+        """Pids of live processes serving the mount ([] for kernel file systems)."""
+        return []
+
     async def umount(self, mount_point: Path, force: bool, daemon: dict | None = None) -> None:
         timeout = self.config.modelcenter_umount_timeout
         try:
@@ -155,14 +159,26 @@ class JuicefsBackend(Backend):
     def fstype_matches(self, entry: mounttable.MountEntry) -> bool:
         return entry.fstype == "fuse.juicefs"
 
+    def _needles(self, mount_point: Path) -> tuple[str, ...]:
+        return (f"--log {self.log_file(mount_point.name)}",)
+
     async def kill_daemons(self, mount_point: Path, daemon: dict | None = None) -> list[int]:
-        sid = (daemon or {}).get("sid")
-        needles = (f"--log {self.log_file(mount_point.name)}",)
-        return await self.runner.run(mounttable.kill_daemons, mount_point, "juicefs", sid,
-                                     needles, timeout=30, what="killing juicefs processes")
+        """SIGKILL the juicefs processes of this mount (see :func:`mounttable.kill_daemons`:
+        stored ids count only while boot id and start times still match)."""
+        return await self.runner.run(mounttable.kill_daemons, mount_point, "juicefs", daemon,
+                                     self._needles(mount_point), timeout=30,
+                                     what="killing juicefs processes")
+
+    async def daemon_alive(self, mount_point: Path, daemon: dict | None = None) -> list[int]:
+        """Pids of live (not zombie) juicefs processes serving this mount."""
+        procs = await self.runner.run(mounttable.live_daemons, mount_point, "juicefs", daemon,
+                                      self._needles(mount_point), timeout=30,
+                                      what="looking for juicefs processes")
+        return sorted(p.pid for p in procs)
 
     async def daemon(self, mount_point: Path) -> dict | None:
-        """{pid, ppid, sid} of the juicefs worker and supervisor, from the volume's .config."""
+        """Ids of the juicefs worker and supervisor (from the volume's .config), with the boot
+        id and their start times."""
         try:
             result = await run_process(
                 [sys.executable, "-I", "-S", "-c", _DAEMON_IDS, str(mount_point / ".config")],
@@ -170,7 +186,8 @@ class JuicefsBackend(Backend):
             if not result.ok:
                 return None
             pid, ppid = json.loads(result.stdout)
-            return {"pid": pid, "ppid": ppid, "sid": os.getsid(ppid or pid)}
+            return await self.runner.run(mounttable.daemon_ids, pid, ppid,
+                                         timeout=self.config.modelcenter_probe_timeout)
         except (BlockingTimeout, ValueError, TypeError, OSError):
             return None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +100,72 @@ async def probe(path: str | Path, timeout: float) -> str | None:
     return None
 
 
+def boot_id(procfs: Path | str = "/proc") -> str | None:
+    try:
+        return (Path(procfs) / "sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _started(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
+def daemon_ids(pid: int | None, ppid: int | None) -> dict | None:
+    """What identifies the daemons of a healthy FUSE mount later: their pids and session id,
+    with the boot id and each process's start time (pids and session ids are reused, across
+    reboots and within one)."""
+    if not pid:
+        return None
+    try:
+        sid = os.getsid(ppid or pid)
+    except OSError:
+        return None
+    return {"pid": pid, "ppid": ppid, "sid": sid, "bootId": boot_id(),
+            "started": {str(p): _started(p) for p in (pid, ppid, sid) if p}}
+
+
+def _same_process(pid: int | None, started: dict) -> bool:
+    """``pid`` is alive and is the very process recorded (same start time)."""
+    want = started.get(str(pid)) if pid else None
+    have = _started(pid)
+    return want is not None and have is not None and abs(have - want) < 0.05
+
+
+def trusted_ids(daemon: dict | None) -> tuple[list[int], int | None]:
+    """(pids, session id) of a stored ``daemon`` record that still name the same processes.
+
+    Nothing is trusted from another boot, or from a record without boot id and start times.
+    A pid counts only while its process has the recorded start time. The session id counts
+    while its leader has the recorded start time, or has exited (the kernel does not hand out
+    a pid still used as a session id, so its members are still the recorded daemons).
+    """
+    if not daemon or not daemon.get("bootId") or daemon.get("bootId") != boot_id():
+        return [], None
+    started = daemon.get("started") or {}
+    pids = [p for p in (daemon.get("pid"), daemon.get("ppid"))
+            if isinstance(p, int) and _same_process(p, started)]
+    sid = daemon.get("sid")
+    if not isinstance(sid, int) or str(sid) not in started:
+        sid = None
+    elif _started(sid) is not None and not _same_process(sid, started):
+        sid = None  # the number now belongs to another process
+    return pids, sid
+
+
 def fuse_daemons(mount_point: str | Path, name: str = "juicefs", sid: int | None = None,
-                 needles: tuple[str, ...] = ()) -> list[psutil.Process]:
+                 needles: tuple[str, ...] = (), pids: tuple[int, ...] = ()) -> list[psutil.Process]:
     """Processes named ``name`` serving ``mount_point``.
 
     juicefs rewrites its process title (one string, possibly cut short, environment
-    clobbered), so besides the mount point as an argument this also matches the session id
-    the daemons share (recorded after the mount) and ``needles`` such as the log path.
+    clobbered), so besides the mount point as an argument this also matches ``needles``
+    such as the log path, and -- given by the caller only when verified with
+    :func:`trusted_ids` -- the session id the daemons share and their pids.
     """
     target = str(mount_point)
     found = []
@@ -117,7 +175,7 @@ def fuse_daemons(mount_point: str | Path, name: str = "juicefs", sid: int | None
             continue
         title = " ".join(a for a in cmdline if a) + " "
         if target in cmdline[1:] or f" {target} " in title or \
-                any(f" {n} " in title for n in needles):
+                any(f" {n} " in title for n in needles) or proc.pid in pids:
             found.append(proc)
             continue
         if sid is not None:
@@ -129,17 +187,37 @@ def fuse_daemons(mount_point: str | Path, name: str = "juicefs", sid: int | None
     return found
 
 
-def kill_daemons(mount_point: str | Path, name: str = "juicefs", sid: int | None = None,
+def live_daemons(mount_point: str | Path, name: str = "juicefs", daemon: dict | None = None,
+                 needles: tuple[str, ...] = ()) -> list[psutil.Process]:
+    """The daemons of ``mount_point`` that are alive (not zombies)."""
+    pids, sid = trusted_ids(daemon)
+    alive = []
+    for proc in fuse_daemons(mount_point, name, sid, needles, tuple(pids)):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def kill_daemons(mount_point: str | Path, name: str = "juicefs", daemon: dict | None = None,
                  needles: tuple[str, ...] = ()) -> list[int]:
-    """SIGKILL the FUSE daemons of ``mount_point`` (a stopped process dies too)."""
+    """SIGKILL the FUSE daemons of ``mount_point`` (a stopped process dies too).
+
+    Only processes tied to this mount: by mount point or ``needles`` on their command line,
+    or by ids of ``daemon`` that :func:`trusted_ids` still vouches for.
+    """
+    pids, sid = trusted_ids(daemon)
     killed = []
     # The supervisor first, so it does not respawn the worker we kill next.
-    procs = sorted(fuse_daemons(mount_point, name, sid, needles), key=lambda p: p.pid)
+    procs = sorted(fuse_daemons(mount_point, name, sid, needles, tuple(pids)),
+                   key=lambda p: p.pid)
     for proc in procs:
         try:
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()  # psutil checks the pid still names the process it found
             killed.append(proc.pid)
-        except ProcessLookupError:
+        except psutil.NoSuchProcess:
             pass
     if killed:
         psutil.wait_procs([p for p in procs if p.pid in killed], timeout=5)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 FOLDER = "modelcenter"
 LOCK = "modelcenter"
 SERVICE = "modelcenter"
+REPAIR_BACKOFF_CAP = 300.0  # seconds: longest pause between failed remount attempts
 
 
 @dataclass
@@ -39,6 +40,18 @@ class Health:
     remounts: int = 0
     last_remount_at: float | None = None
     last_problem: str | None = None
+    repair_failures: int = 0  # consecutive repairs that did not make it healthy
+    next_repair_at: float | None = None  # time.monotonic(): no repair before (backoff)
+
+    def repaired(self) -> None:
+        self.repair_failures, self.next_repair_at = 0, None
+
+    def repair_failed(self, base: float, cap: float) -> float:
+        """Count a failed repair; the delay before the next attempt (doubling, capped)."""
+        self.repair_failures += 1
+        delay = min(cap, base * 2 ** (self.repair_failures - 1))
+        self.next_repair_at = time.monotonic() + delay
+        return delay
 
 
 @dataclass
@@ -223,12 +236,11 @@ class ModelCenterService:
         self.ctx.state.save(f"{FOLDER}/{uuid}", record.dump(mount_point))
         health = self._mark(uuid, None)
         health.failures, health.noticed_at = 0, None
+        health.repaired()
         log.info("model center %s: %s mounted at %s", uuid, url.masked, mount_point)
 
     # -- umount -----------------------------------------------------------------------------
     async def umount(self, uuid: str, force: bool) -> None:
-        from ..virtiofs import list_shares  # the shares of running domains (libvirt XML)
-
         mount_point = self.mount_point(uuid)
         async with self.lock(uuid):
             record = self.record(uuid)
@@ -238,8 +250,7 @@ class ModelCenterService:
                 return
             try:
                 # Share paths are real paths (resolved at attach); so is mount_point.
-                users = [s for s in await list_shares(self.ctx)
-                         if _inside(s.source_path, mount_point) or _inside(s.export_dir, mount_point)]
+                users = await self.shares_using(uuid)
             except AgentError as exc:
                 if not force:
                     raise AgentError(f"cannot tell whether VMs still share model center {uuid} "
@@ -299,23 +310,71 @@ class ModelCenterService:
             if record is None:
                 return False
             now = await self.check(uuid, record)
+            health = self._health(uuid)
             if now is None:
                 self._mark(uuid, None).failures = 0
+                health.repaired()
                 return True
             mount_point = self.mount_point(uuid)
-            log.warning("model center %s: remounting %s (%s)", uuid, mount_point, now)
             backend = self.backend(record.kind)
+            held = await self._remount_blocked(uuid, record, backend)
+            if held:
+                delay = health.repair_failed(self.config.modelcenter_health_interval,
+                                             REPAIR_BACKOFF_CAP)
+                log.error("model center %s: %s is unhealthy (%s) but NOT remounted: %s; "
+                          "next look in %.0fs", uuid, mount_point, now, held, delay)
+                self._mark(uuid, f"{now}; not remounted: {held}")
+                return False
+            log.warning("model center %s: remounting %s (%s)", uuid, mount_point, now)
             try:
                 await backend.recover(mount_point, record.daemon)
                 await self._mount(uuid, record, record.url)
             except Exception as exc:  # noqa: BLE001 - a background repair must report, not die
-                log.error("model center %s: remount failed: %s", uuid, exc)
+                delay = health.repair_failed(self.config.modelcenter_health_interval,
+                                             REPAIR_BACKOFF_CAP)
+                log.error("model center %s: remount failed: %s (next attempt in %.0fs)", uuid,
+                          exc, delay)
                 self._mark(uuid, f"{now}; remount failed: {exc}")
                 return False
-            health = self._health(uuid)
             health.remounts += 1
             health.last_remount_at = time.monotonic()
+            health.repaired()
             return True
+
+    async def shares_using(self, uuid: str) -> list:
+        """Virtiofs shares of running VMs inside this model center (AgentError if unknown)."""
+        from ..virtiofs import list_shares
+
+        mount_point = self.mount_point(uuid)
+        return [s for s in await list_shares(self.ctx)
+                if _inside(s.source_path, mount_point) or _inside(s.export_dir, mount_point)]
+
+    async def _remount_blocked(self, uuid: str, record: Record, backend: Backend) -> str | None:
+        """Why a remount must not happen now, or None.
+
+        A mount that is only slow keeps serving the VMs that share it once it recovers;
+        killing its daemon would break their shares for good (virtiofsd holds the old mount).
+        So while running VMs share it, it is remounted only when nothing serves it any more:
+        not mounted, or (juicefs) its daemons are dead or zombies.
+        """
+        if self._mount_entry(uuid) is None:
+            return None
+        try:
+            users = await self.shares_using(uuid)
+        except AgentError as exc:
+            users = None
+            why = f"cannot tell whether VMs share it ({exc})"
+        if users == []:
+            return None
+        alive = await backend.daemon_alive(self.mount_point(uuid), record.daemon)
+        if backend.kind == "juicefs" and not alive:
+            return None  # the daemon is gone: only a remount can bring the mount back
+        if users:
+            why = "shared with running VMs (" + ", ".join(
+                f"{s.vm_uuid}/{s.tag}" for s in users) + ")"
+        serving = f"juicefs pid {', '.join(map(str, alive))} still alive" if alive else \
+            "its storage may only be slow"
+        return f"{why} and {serving}; it recovers on its own, or umount with force"
 
     def schedule_repair(self, uuid: str, reason: str | None = None) -> None:
         """One repair at a time per mount, in the background."""

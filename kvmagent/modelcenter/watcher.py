@@ -9,7 +9,10 @@ Timing (config keys):
 =================================  ==========================================================
 
 A problem is noticed at most I + T after it starts; a remount starts at most
-N * (I + T) after it starts. Probes of different mounts run in parallel and are bounded, and
+N * (I + T) after it starts. After a failed (or withheld) remount the next attempt waits
+I, 2I, 4I, ... up to 5 minutes. A mount that running VMs share through virtiofs is not
+remounted while its juicefs daemon is alive (it may only be slow; killing it would break
+the shares for good): it stays marked unhealthy, with the reason, until it answers again. Probes of different mounts run in parallel and are bounded, and
 repairs run as their own tasks, so one hung mount delays neither the others nor the agent.
 """
 from __future__ import annotations
@@ -56,6 +59,7 @@ class MountWatcher:
             if health.failures:
                 log.info("model center %s is healthy again", uuid)
             health.failures, health.noticed_at = 0, None
+            health.repaired()
             return
         health.failures += 1
         if health.noticed_at is None:
@@ -64,5 +68,6 @@ class MountWatcher:
             log.warning("model center %s mount %s is unhealthy: %s", uuid,
                         svc.mount_point(uuid), reason)
         if self.config.modelcenter_auto_remount and \
-                health.failures >= self.config.modelcenter_remount_after:
+                health.failures >= self.config.modelcenter_remount_after and \
+                (health.next_repair_at is None or time.monotonic() >= health.next_repair_at):
             svc.schedule_repair(uuid, reason)
