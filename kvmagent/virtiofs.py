@@ -112,6 +112,7 @@ class ShareRegistry:
 
     def __init__(self, ctx: AgentContext):
         self.state = ctx.state
+        self.ctx = ctx
 
     def _name(self, vm: str) -> str:
         return f"{FOLDER}/{vm_key(vm)}"
@@ -119,18 +120,29 @@ class ShareRegistry:
     def load(self, vm: str) -> dict[str, dict]:
         return self.state.load(self._name(vm), {}) or {}
 
-    def put(self, vm: str, tag: str, entry: dict) -> None:
+    def _put(self, vm: str, tag: str, entry: dict) -> None:
         doc = self.load(vm)
         doc[tag] = entry
         self.state.save(self._name(vm), doc)
 
-    def drop(self, vm: str, tag: str) -> None:
+    def _drop(self, vm: str, tag: str) -> None:
         doc = self.load(vm)
         if doc.pop(tag, None) is not None:
             if doc:
                 self.state.save(self._name(vm), doc)
             else:
                 self.state.delete(self._name(vm))
+
+    # Writes fsync: off the event loop (callers hold the VM's lock, so one at a time per VM).
+    async def put(self, vm: str, tag: str, entry: dict) -> None:
+        await self.ctx.runner.run(self._put, vm, tag, entry,
+                                  timeout=self.ctx.config.virtiofs_path_timeout,
+                                  what="saving virtiofs shares")
+
+    async def drop(self, vm: str, tag: str) -> None:
+        await self.ctx.runner.run(self._drop, vm, tag,
+                                  timeout=self.ctx.config.virtiofs_path_timeout,
+                                  what="saving virtiofs shares")
 
     def all(self) -> dict[str, dict[str, dict]]:
         out = {}
@@ -524,7 +536,7 @@ class VirtiofsService:
         share = VirtiofsShare(source_dir=real, tag=tag, binary=binary, readonly=readonly,
                               cache=cache, export_dir=export, readonly_in_xml=False)
         xml = share.to_xml()
-        self.registry.put(vm, tag, {"vmInstanceUuid": vm, "sourcePath": real,
+        await self.registry.put(vm, tag, {"vmInstanceUuid": vm, "sourcePath": real,
                                     "exportDir": export, "readonly": readonly,
                                     "cacheMode": cache})
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -533,7 +545,7 @@ class VirtiofsService:
         try:
             await self.call(lambda conn: dom.attachDeviceFlags(xml, flags))
         except BaseException:
-            self.registry.drop(vm, tag)
+            await self.registry.drop(vm, tag)
             await self._unbind(export)
             raise
         log.info("VM %s: virtiofs %s attached as tag %s (%s)", vm, real, tag,
@@ -625,7 +637,7 @@ class VirtiofsService:
         rec = self.registry.load(vm).get(tag)
         if rec is not None:
             await self._unbind(rec.get("exportDir"))  # only ever a bind under our root
-            self.registry.drop(vm, tag)
+            await self.registry.drop(vm, tag)
         else:
             await self._unbind(str(self.bind_path(vm, tag)))
 

@@ -195,8 +195,13 @@ class JuicefsBackend(Backend):
                     uuid: str) -> None:
         argv, extra = self.mount_argv(url, mount_point, options, uuid)
         log_file = self.log_file(uuid)
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        offset = log_file.stat().st_size if log_file.exists() else 0
+
+        def log_offset() -> int:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            return log_file.stat().st_size if log_file.exists() else 0
+
+        offset = await self.runner.run(log_offset, timeout=self.config.modelcenter_probe_timeout,
+                                       what="preparing the juicefs log")
         env = {**os.environ, **extra}
         timeout = self.config.modelcenter_mount_timeout
         what = f"juicefs mount of {url.masked}"
@@ -205,7 +210,12 @@ class JuicefsBackend(Backend):
         except BlockingTimeout:
             # Killed at the deadline; a daemon it forked may still be trying. Stop it too.
             await self.kill_daemons(mount_point)
-            reason = _juicefs_reason(_tail(log_file, offset))
+            try:
+                tail = await self.runner.run(_tail, log_file, offset,
+                                             timeout=self.config.modelcenter_probe_timeout)
+            except AgentError:
+                tail = ""
+            reason = _juicefs_reason(tail)
             raise AgentError(f"{what} did not finish within {timeout:g}s"
                              + (f": {reason}" if reason else "")) from None
         if not result.ok:

@@ -132,6 +132,18 @@ class ModelCenterService:
             log.error("model center record %s unusable: %s", uuid, exc)
             return None
 
+    async def _save(self, uuid: str, record: Record) -> None:
+        """Write the record atomically (fsyncs) off the event loop."""
+        await self.ctx.runner.run(self.ctx.state.save, f"{FOLDER}/{uuid}",
+                                  record.dump(self.mount_point(uuid)),
+                                  timeout=self.config.virtiofs_path_timeout,
+                                  what=f"saving model center {uuid}")
+
+    async def _forget(self, uuid: str) -> None:
+        await self.ctx.runner.run(self.ctx.state.delete, f"{FOLDER}/{uuid}",
+                                  timeout=self.config.virtiofs_path_timeout,
+                                  what=f"deleting model center {uuid}")
+
     def records(self) -> dict[str, Record]:
         found = {}
         for name in self.ctx.state.names(FOLDER):
@@ -211,7 +223,7 @@ class ModelCenterService:
                     log.info("model center %s: reusing the healthy mount at %s", uuid, mount_point)
                     wanted.daemon = await backend.daemon(mount_point) or (
                         current.daemon if current else None)
-                    self.ctx.state.save(f"{FOLDER}/{uuid}", wanted.dump(mount_point))
+                    await self._save(uuid, wanted)
                     self._mark(uuid, None)
                     return mount_point
                 log.warning("model center %s: existing mount at %s is unusable (%s); "
@@ -233,7 +245,7 @@ class ModelCenterService:
             raise AgentError(f"mounted {url.masked} at {mount_point} but it does not answer: "
                              f"{reason}")
         record.daemon = daemon
-        self.ctx.state.save(f"{FOLDER}/{uuid}", record.dump(mount_point))
+        await self._save(uuid, record)
         health = self._mark(uuid, None)
         health.failures, health.noticed_at = 0, None
         health.repaired()
@@ -280,7 +292,7 @@ class ModelCenterService:
                     await backend.recover(mount_point, daemon)
                 if self._mount_entry(uuid) is not None:
                     raise AgentError(f"{mount_point} is still mounted after umount")
-            self.ctx.state.delete(f"{FOLDER}/{uuid}")
+            await self._forget(uuid)
             self.health.pop(uuid, None)
             await self._rmdir(mount_point)
             log.info("model center %s: unmounted %s", uuid, mount_point)
