@@ -3,11 +3,19 @@
 Attach and detach run under the per-VM lock, live and on the persistent definition. The
 device is a :class:`~kvmagent.vm.config.VirtiofsShare` rendered with ElementTree.
 
-Read-only: libvirt 9 refuses ``<readonly/>`` for virtiofs, and virtiofsd 7.2 has no
-read-only switch, so a read-only share exports a read-only bind mount of the source
-(``<virtiofs_readonly_root>/<vm>/tag-<tag>``): the host kernel refuses every write, whatever
-the guest does. The mapping (tag -> source, exported dir) is kept under ``virtiofs/<vm>`` in
-the state store; bind mounts are removed on detach, and when the domain stops or is undefined.
+Sources: a share's source must resolve to a directory inside ``<models_root>/<uuid>/`` of a
+model center that is recorded and mounted right now (checked again under the model center's
+lock, which its umount takes too). virtiofsd never exports the requested path itself: the
+agent makes a bind mount (``<virtiofs_readonly_root>/<vm>/tag-<tag>``, read-only or
+read-write) of the directory a child process opened component by component with
+``O_PATH|O_NOFOLLOW|O_DIRECTORY`` from the model-center mount, binding ``/proc/self/fd/N``.
+A symlink swapped in after the checks fails the walk instead of redirecting the export, and
+the mount table is checked afterwards (the export's root and device must be the model
+center's directory). libvirt 9 refuses ``<readonly/>`` for virtiofs and virtiofsd 7.2 has no
+read-only switch, so for a read-only share the read-only bind is what makes the host kernel
+refuse every write. The mapping (tag -> source, exported dir) is kept under
+``virtiofs/<vm>`` in the state store; bind mounts are removed on detach, and when the domain
+stops or is undefined.
 
 Detach waits for libvirt's device-removed event (the guest must answer the ACPI unplug); a
 guest that never releases the device gives a clear error after ``virtiofs_detach_timeout``.
@@ -62,7 +70,7 @@ class Share:
     vm_uuid: str  # as the MN names it (the domain name for agent-made VMs)
     tag: str
     source_path: str  # what was asked for (resolved)
-    export_dir: str  # what virtiofsd exports (a read-only bind mount for readonly shares)
+    export_dir: str  # what virtiofsd exports (the agent's bind mount of source_path)
     readonly: bool
     cache_mode: str
     alias: str | None = None

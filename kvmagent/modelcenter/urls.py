@@ -12,8 +12,11 @@ A storage URL names where the models live:
 
 Every value that later becomes a command-line argument is checked here, so nothing can be
 read as an option (``-x``) or smuggle whitespace, and a password in a metadata URL is split
-off (it reaches juicefs through ``META_PASSWORD``, never its argv). Error messages never
-repeat the URL itself: it may carry credentials.
+off (it reaches juicefs through ``META_PASSWORD``, never its argv). The user-info ends at the
+last ``@``, so a password may hold ``@`` or ``/``; an ``@`` in a query value must be
+percent-encoded. Credentials as query parameters (``?password=...``) are refused: juicefs
+would get them in its argv. Error messages never repeat the URL itself, and
+:attr:`StorageUrl.masked` is rebuilt from the parsed parts with ``***`` for the password.
 """
 from __future__ import annotations
 
