@@ -453,7 +453,8 @@ class VirtiofsService:
             raise AgentError(f"{kind} bind mount of {source} failed: "
                              f"{err[-1] if err else result.describe()}")
         entry = mounttable.mount_at(bind, self.config.procfs_root)
-        want_root = os.path.normpath(os.path.join(mc_entry.root, rel))
+        # rel comes from a realpath: no '.', '..' or '//' to normalise
+        want_root = f"{mc_entry.root.rstrip('/')}/{rel}" if rel else mc_entry.root
         if entry is None or entry.dev != mc_entry.dev or entry.root != want_root \
                 or entry.readonly != readonly:
             await self._unbind(str(bind))

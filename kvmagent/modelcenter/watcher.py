@@ -12,8 +12,9 @@ A problem is noticed at most I + T after it starts; a remount starts at most
 N * (I + T) after it starts. After a failed (or withheld) remount the next attempt waits
 I, 2I, 4I, ... up to 5 minutes. A mount that running VMs share through virtiofs is not
 remounted while its juicefs daemon is alive (it may only be slow; killing it would break
-the shares for good): it stays marked unhealthy, with the reason, until it answers again. Probes of different mounts run in parallel and are bounded, and
-repairs run as their own tasks, so one hung mount delays neither the others nor the agent.
+the shares for good): it stays marked unhealthy, with the reason, until it answers again.
+Probes of different mounts run in parallel and are bounded, and repairs run as their own
+tasks, so one hung mount delays neither the others nor the agent.
 """
 from __future__ import annotations
 
