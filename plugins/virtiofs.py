@@ -40,7 +40,8 @@ async def _start(ctx: AgentContext) -> None:
 class AttachCmd(AgentRequest):
     vm_instance_uuid: Uuid
     tag: Tag
-    source_path: AbsPath = Field(description="must resolve inside the models root")
+    source_path: AbsPath = Field(description="a directory of a mounted model center: must "
+                                 "resolve inside <modelsRoot>/<modelCenterUuid>/")
     mount_path: AbsPath | None = Field(None, description="where the guest agent mounts it")
     readonly: bool = True
     cache_mode: Literal["none", "auto", "always"] = "auto"
