@@ -108,8 +108,9 @@ class AgentConfig(BaseModel):
     juicefs_log_dir: Path | None = Field(
         None, description="juicefs mount logs (<uuid>.log); None: <state_dir>/juicefs-logs")
     virtiofs_readonly_root: Path | None = Field(
-        None, description="read-only bind mounts exported by virtiofsd for readonly shares "
-        "(libvirt 9 cannot make virtiofs read-only); None: <state_dir>/virtiofs-ro")
+        None, description="where the agent's bind mounts that virtiofsd exports live (every "
+        "share; read-only ones are how a share is made read-only, libvirt 9 cannot); "
+        "None: <state_dir>/virtiofs-ro")
     virtiofs_detach_timeout: float = Field(
         30.0, gt=0, description="wait this long for the guest to release a detached share")
     virtiofs_qga_timeout: int = Field(
