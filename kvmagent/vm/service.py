@@ -243,21 +243,29 @@ class VmService:
             generation = self._ha_generation
             names: list[str] = await self.call(lambda c: [d.name() for d in c.listAllDomains()])
 
-            def read(conn: libvirt.virConnect, part: list[str]) -> dict[str, bool]:
-                flags = {}
-                for name in part:
-                    try:
-                        flags[name] = read_ha_flag(conn.lookupByName(name))
-                    except libvirt.libvirtError as exc:
-                        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                            raise
-                return flags
-
-            parts = await asyncio.gather(*(self.call(read, p) for p in
-                                           chunks(names, self.config.libvirt_workers)))
+            flags = await self._per_domain([(n, None) for n in names],
+                                           lambda dom, _: read_ha_flag(dom))
             if generation == self._ha_generation:
-                self._ha = {k: v for part in parts for k, v in part.items()}
+                self._ha = flags
         return dict(self._ha)
+
+    async def _per_domain(self, items: list[tuple[str, Any]],
+                          op: Callable[[libvirt.virDomain, Any], Any]) -> dict[str, Any]:
+        """``op(domain, arg)`` for each (name, arg), in parallel chunks over the libvirt pool
+        (not one round trip after another); domains that vanished meanwhile are skipped."""
+        def run(conn: libvirt.virConnect, part: list[tuple[str, Any]]) -> dict[str, Any]:
+            results = {}
+            for name, arg in part:
+                try:
+                    results[name] = op(conn.lookupByName(name), arg)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return results
+
+        parts = await asyncio.gather(*(self.call(run, p) for p in
+                                       chunks(items, self.config.libvirt_workers)))
+        return {name: result for part in parts for name, result in part.items()}
 
     def _flag_changed(self, name: str, enable: bool | None) -> None:
         """Record a flag change (None: the domain is gone) in the cache and its generation."""
@@ -283,20 +291,11 @@ class VmService:
         missing = sorted(u for u in wanted if u not in current)
         changes = [(u, u in wanted) for u, on in current.items() if (u in wanted) != on]
 
-        def apply(conn: libvirt.virConnect, part: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-            done = []
-            for name, enable in part:
-                try:
-                    write_ha_flag(conn.lookupByName(name), enable)
-                    done.append((name, enable))
-                except libvirt.libvirtError as exc:
-                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                        raise
-            return done
+        def write(dom: libvirt.virDomain, enable: bool) -> bool:
+            write_ha_flag(dom, enable)
+            return enable
 
-        parts = await asyncio.gather(*(self.call(apply, p) for p in
-                                       chunks(changes, self.config.libvirt_workers)))
-        applied = [c for part in parts for c in part]
+        applied = list((await self._per_domain(changes, write)).items())
         for name, enable in applied:
             self._flag_changed(name, enable)
         return (sorted(u for u, on in applied if on), sorted(u for u, on in applied if not on),
