@@ -11,9 +11,9 @@ anything is changed.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import BeforeValidator, Field
 
 from kvmagent.context import AgentContext
 from kvmagent.dispatch import BadRequest
@@ -74,15 +74,15 @@ class HugepagesRsp(AgentResponse):
                                           "host pool only): what ensure guarantees")
 
 
-def _names_a_file(value: str) -> str:
-    """On top of :data:`AbsPath`: a socket is a file, so no trailing '/' (and not '/' or a
-    leading '//', which POSIX leaves implementation-defined)."""
-    if value.endswith("/") or value.startswith("//"):
-        raise ValueError("must name a file: no trailing '/' and no leading '//'")
+def _names_a_file(value: Any) -> Any:
+    """Before :data:`AbsPath` (which drops a trailing '/'): a socket is a file, so a trailing
+    '/' (or the path '/') is an error here, not something to normalize."""
+    if isinstance(value, str) and value.endswith("/"):
+        raise ValueError("must name a file: no trailing '/'")
     return value
 
 
-SocketPath = Annotated[AbsPath, AfterValidator(_names_a_file)]
+SocketPath = Annotated[AbsPath, BeforeValidator(_names_a_file)]
 
 
 class HealthCmd(AgentRequest):
