@@ -28,6 +28,7 @@ from kvmagent.vm.config import VirtiofsShare
 from tests.guest.build import BOOT_MARKER, build_guest
 from tests.vmkit import Console, start_body
 
+MODEL_CENTER = "0c0ffee0" * 4
 ROUNDS = 5
 
 
@@ -48,9 +49,12 @@ async def measure() -> dict[str, object]:
     image = build_guest()
     base = Path(tempfile.mkdtemp(prefix="kvmagent-bench-vfs-"))
     os.chmod(base, 0o755)
-    models = base / "models"
+    models, store = base / "models", base / "store"
+    store.mkdir()
+    # The model center: a file:// store bind-mounted by the agent at <models>/<MODEL_CENTER>.
     config = AgentConfig(listen="127.0.0.1:0", state_dir=base / "state", domain_type="qemu",
-                         models_root=models, vm_path_roots=[base, image.kernel.parent])
+                         models_root=models, vm_path_roots=[base, image.kernel.parent],
+                         modelcenter_file_roots=[store])
     plugins = discover_plugins(["host", "vm", "modelcenter", "virtiofs"])
     client = TestClient(TestServer(create_app(config, plugins)))
     await client.start_server()
@@ -69,6 +73,7 @@ async def measure() -> dict[str, object]:
     agent_attach, agent_visible, agent_detach = [], [], []
     direct_attach, direct_visible, direct_detach = [], [], []
     try:
+        await call("/modelcenter/mount", {"modelCenterUuid": MODEL_CENTER, "storageUrl": f"file://{store}"})
         await call("/vm/start", body)
         await wait_console(console, BOOT_MARKER, 120)
         dom = conn.lookupByUUIDString(uuid)
@@ -81,9 +86,10 @@ async def measure() -> dict[str, object]:
         for i in range(ROUNDS):
             for who in (("agent", "direct") if i % 2 == 0 else ("direct", "agent")):
                 tag = f"{who}{i}"
-                source = models / "mc" / tag
-                source.mkdir(parents=True)
-                (source / "weights.txt").write_text(f"{tag}\n")
+                (store / tag).mkdir()
+                (store / tag / "weights.txt").write_text(f"{tag}\n")
+                # The agent shares it through the model center; libvirt directly from the store.
+                source = models / MODEL_CENTER / tag if who == "agent" else store / tag
                 marker = f"VIRTIOFS-READ {tag} weights.txt {tag}"
                 t0 = time.perf_counter()
                 if who == "agent":
@@ -110,10 +116,12 @@ async def measure() -> dict[str, object]:
                     direct_detach.append(time.perf_counter() - t0)
                 await wait_console(console, f"VIRTIOFS-GONE {tag}")
     finally:
-        try:
-            await call("/vm/destroy", {"uuid": uuid})
-        except Exception:
-            pass
+        for path, data in (("/vm/destroy", {"uuid": uuid}),
+                           ("/modelcenter/umount", {"modelCenterUuid": MODEL_CENTER, "force": True})):
+            try:
+                await call(path, data)
+            except Exception as exc:
+                print(f"   cleanup {path} failed: {exc}")
         await client.close()
         conn.close()
         shutil.rmtree(base, ignore_errors=True)
