@@ -79,8 +79,7 @@ async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | N
         log.exception("%s failed unexpectedly", cmd.path)
         outcome = failure(mask_text(f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"))
     elapsed = time.monotonic() - started
-    ctx.metrics.requests.labels(cmd.path, outcome.label).inc()
-    ctx.metrics.latency.labels(cmd.path).observe(elapsed)
+    ctx.metrics.command_done(cmd.path, outcome.label, elapsed)
     _log_line(cmd, taskuuid, elapsed, outcome, raw)
     return outcome
 

@@ -28,5 +28,16 @@ class Metrics:
         self.libvirt_connected = Gauge(
             "kvmagent_libvirt_connected", "1 while the libvirt connection is open", registry=r)
 
+        self._children: dict[tuple[str, str], tuple] = {}
+
+    def command_done(self, path: str, outcome: str, seconds: float) -> None:
+        """Count one command; the labelled children are cached (labels() is the hot-path cost)."""
+        children = self._children.get((path, outcome))
+        if children is None:
+            children = (self.requests.labels(path, outcome), self.latency.labels(path))
+            self._children[(path, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
