@@ -33,6 +33,7 @@ STATE_DOC = "ha/selffencers"
 HOOK_VMS_KILLED = "selffencer.vms_killed"
 
 HEALTHY, FAILING, FENCED, STOPPED = "Healthy", "Failing", "Fenced", "Stopped"
+HOOKS_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,23 @@ class Fencer:
         self._on_change()
         self.ctx.reporter.report("/kvm/reportstoragestatus", {
             "psUuids": [cfg.ps_uuid], "psStatus": "Disconnected", "reason": reason})
+        killed: list[str] = []
+        failure_reasons: list[str] = []
+        notes: list[str] = []
+        try:
+            killed = await self._kill_per_strategy(failure_reasons, notes)
+        except Exception as exc:  # whatever happens, the MN hears of this fence
+            log.exception("selffencer %s: fencing failed", cfg.ps_uuid)
+            failure_reasons.append(f"internal error while fencing: {type(exc).__name__}: {exc}")
+        self.ctx.reporter.report("/kvm/reportselffencer", {
+            "psUuids": [cfg.ps_uuid], "vmUuidsString": ",".join(killed),
+            "fencerFailure": bool(failure_reasons),
+            "reason": "; ".join([reason, *failure_reasons, *notes])})
+
+    async def _kill_per_strategy(self, failure_reasons: list[str], notes: list[str]) -> list[str]:
+        """Kill the VMs on the storage per strategy, run the hooks; returns the killed uuids."""
+        cfg = self.cfg
         records, source = await self.inventory.current()
-        failure_reasons = []
         if records is None:
             targets = []
             failure_reasons.append(f"cannot tell which VMs use the storage: {source}")
@@ -160,21 +176,23 @@ class Fencer:
             if spared:
                 log.warning("selffencer %s (Permissive): not killing VMs without HA: %s",
                             cfg.ps_uuid, ", ".join(spared))
-        results = await asyncio.gather(*(kill_vm(self.ctx, vm.uuid) for vm in targets))
-        killed = sorted(vm.uuid for vm, (stopped, _) in zip(targets, results, strict=True) if stopped)
-        failure_reasons += [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results, strict=True)
-                            if not stopped]
-        notes = [f"{vm.uuid}: {note}" for vm, (stopped, note) in zip(targets, results, strict=True)
-                 if stopped and note]
+        results = await asyncio.gather(*(kill_vm(self.ctx, vm.uuid) for vm in targets),
+                                       return_exceptions=True)  # one VM's error spares no other
+        outcomes = [(vm, r if isinstance(r, tuple) else (False, f"kill failed: {r!r}"))
+                    for vm, r in zip(targets, results, strict=True)]
+        killed = sorted(vm.uuid for vm, (stopped, _) in outcomes if stopped)
+        failure_reasons += [f"{vm.uuid}: {note}" for vm, (stopped, note) in outcomes if not stopped]
+        notes += [f"{vm.uuid}: {note}" for vm, (stopped, note) in outcomes if stopped and note]
         self.status.fenced_vm_uuids = killed
         if killed:
             log.error("selffencer %s: killed VMs %s (%s strategy; inventory from %s)",
                       cfg.ps_uuid, ", ".join(killed), cfg.strategy, source)
-            failure_reasons += await self.ctx.run_hooks(HOOK_VMS_KILLED, killed)
-        self.ctx.reporter.report("/kvm/reportselffencer", {
-            "psUuids": [cfg.ps_uuid], "vmUuidsString": ",".join(killed),
-            "fencerFailure": bool(failure_reasons),
-            "reason": "; ".join([reason, *failure_reasons, *notes])})
+            try:  # clean-up (EIPs) must not hold the report back for ever
+                failure_reasons += await asyncio.wait_for(
+                    self.ctx.run_hooks(HOOK_VMS_KILLED, killed), HOOKS_TIMEOUT)
+            except TimeoutError:
+                failure_reasons.append(f"clean-up hooks did not finish within {HOOKS_TIMEOUT:g}s")
+        return killed
 
 
 class FencerManager:
