@@ -93,7 +93,7 @@ async def run_process(
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except (TimeoutError, asyncio.CancelledError) as exc:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         reap_later(proc)
         if isinstance(exc, asyncio.CancelledError):
             raise
@@ -114,7 +114,8 @@ def reap_later(proc: asyncio.subprocess.Process) -> None:
     reaper.add_done_callback(_REAPERS.discard)
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
+    """SIGKILL a child started with ``start_new_session`` and everything it spawned."""
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:

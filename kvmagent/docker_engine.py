@@ -39,6 +39,7 @@ from .blocking import BlockingRunner, run_process
 from .config import AgentConfig
 from .errors import AgentError, BlockingTimeout
 from .lazy import lazy_import
+from .logs import read_tail
 
 if TYPE_CHECKING:
     import docker
@@ -303,13 +304,10 @@ def _env(apt: bool = False) -> dict[str, str]:
 
 
 def _last_line(path: Path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(fh.tell() - 4096, 0))
-            lines = fh.read().decode(errors="replace").strip().splitlines()
-    except OSError:
+    text = read_tail(path, 4096)
+    if text is None:
         return "(no log)"
+    lines = text.strip().splitlines()
     return lines[-1][:300] if lines else "(empty log)"
 
 

@@ -3,38 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 from pathlib import Path
 
 import psutil
-
-_PAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
-
-
-def page_size_label(kib: int) -> str:
-    """2048 -> "2M", 1048576 -> "1G" (the names /host/hugepages/* use)."""
-    if kib % (1024 * 1024) == 0:
-        return f"{kib // (1024 * 1024)}G"
-    if kib % 1024 == 0:
-        return f"{kib // 1024}M"
-    return f"{kib}K"
-
-
-def hugepage_summary(sysfs_root: Path) -> dict[str, dict[str, int]]:
-    """{"2M": {"total": n, "free": n}, ...} for the whole host."""
-    base = sysfs_root / "kernel/mm/hugepages"
-    result: dict[str, dict[str, int]] = {}
-    if not base.is_dir():
-        return result
-    for entry in sorted(base.iterdir()):
-        match = _PAGE_DIR.match(entry.name)
-        if not match:
-            continue
-        result[page_size_label(int(match.group(1)))] = {
-            "total": int((entry / "nr_hugepages").read_text()),
-            "free": int((entry / "free_hugepages").read_text()),
-        }
-    return result
 
 
 def cpuinfo(procfs_root: Path) -> tuple[str, str]:

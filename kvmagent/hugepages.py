@@ -160,6 +160,11 @@ class HugePages:
         return [label for label, kb in PAGE_SIZES_KB.items()
                 if (base / f"hugepages-{kb}kB").is_dir()]
 
+    def summary(self) -> dict[str, dict[str, int]]:
+        """{"2M": {"total": n, "free": n}, ...}: the host-wide pools (``/host/fact``)."""
+        return {size: {"total": state.total, "free": state.free}
+                for size in self.supported_sizes() for state in [self.read(size)]}
+
     # -- reading and writing (one place, so tests can play the kernel) -------------------
     def _read_int(self, path: Path) -> int:
         return int(path.read_text().strip())

@@ -6,8 +6,10 @@ exception message carrying a storage URL) can put a credential into a log line.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 MASK = "***"
@@ -49,6 +51,18 @@ class MaskingFilter(logging.Filter):
         if masked != message or record.args:
             record.msg, record.args = masked, ()
         return True
+
+
+def read_tail(path: Path | str, size: int = 8192, since: int = 0) -> str | None:
+    """At most ``size`` bytes from the end of a (log) file, nothing before offset ``since``;
+    None when it cannot be read. Blocking: call it through the runner."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(since, fh.tell() - size))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return None
 
 
 def setup_logging(level: str = "INFO", stream: Any = None) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kvmagent.context import AgentContext
+from kvmagent.ha.fencer import HOOK_VMS_KILLED
 from kvmagent.eip.manager import EipManager, EipSettings
 from kvmagent.eip.naming import DEFAULT_PREFIX
 from kvmagent.eip.spec import (
@@ -56,7 +57,6 @@ from kvmagent.plugin import ASYNC, Plugin
 log = logging.getLogger(__name__)
 
 SERVICE = "eip"
-FENCER_HOOK = "selffencer.vms_killed"
 
 
 class EipTO(WireModel):
@@ -151,7 +151,7 @@ def make_plugin(prefix: str = DEFAULT_PREFIX, **settings) -> Plugin:
         async def vms_killed(ctx: AgentContext, vm_uuids: list[str]) -> None:
             await manager.delete_vms(vm_uuids)
 
-        ctx.add_hook(FENCER_HOOK, vms_killed)
+        ctx.add_hook(HOOK_VMS_KILLED, vms_killed)
         if manager.records:
             ctx.spawn(manager.restore(), "eip restore")
         else:

@@ -9,6 +9,7 @@ from kvmagent import __version__
 from kvmagent import hostinfo
 from kvmagent.context import AgentContext
 from kvmagent.errors import AgentError
+from kvmagent.hugepages import HugePages
 from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest
 from kvmagent.plugin import ASYNC, SYNC, Plugin
 from pydantic import Field
@@ -114,7 +115,7 @@ async def fact(ctx: AgentContext, req: EmptyRequest) -> FactRsp:
         total_memory=total, os_distribution=distro, os_version=distro_version,
         kernel_version=hostinfo.kernel_version(), libvirt_version=libvirt_version,
         qemu_version=qemu_version, hvm_cpu_flag=hvm,
-        hugepages=hostinfo.hugepage_summary(config.sysfs_root),
+        hugepages=HugePages(config.sysfs_root, config.procfs_root).summary(),
         libvirt_available=libvirt_version is not None,
     )
 

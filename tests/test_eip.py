@@ -6,6 +6,8 @@ import itertools
 import secrets
 
 import pytest
+
+from kvmagent.ha.fencer import HOOK_VMS_KILLED
 from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
@@ -317,7 +319,7 @@ async def test_selffencer_hook_deletes_eips_of_killed_vms(eip_agent, world):
     survivor = world.eip(1, vm=1)
     for body in (killed, survivor):
         assert (await agent.call(APPLY, {"eip": body}))["success"]
-    errors = await agent.ctx.run_hooks("selffencer.vms_killed", [killed["vmUuid"]])
+    errors = await agent.ctx.run_hooks(HOOK_VMS_KILLED, [killed["vmUuid"]])
     assert errors == []
     assert killed["eipUuid"] not in manager(agent).records
     obs = await manager(agent).observe(killed["eipUuid"])

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
-from ..blocking import reap_later
+from ..blocking import kill_group, reap_later
 
 HEARTBEAT_DIR = "zs-heartbeat"
 
@@ -102,10 +101,7 @@ class StorageProbe:
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(proc.pid)
             self._stuck = proc
             reap_later(proc)
             if isinstance(exc, asyncio.CancelledError):

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..blocking import BlockingRunner, run_process
 from ..config import AgentConfig
 from ..errors import AgentError, BlockingTimeout
-from ..logs import mask_text
+from ..logs import mask_text, read_tail
 from . import mounttable
 from .urls import MountOptions, StorageUrl, juicefs_option_args, nfs_option_string
 
@@ -65,17 +65,6 @@ def _juicefs_reason(text: str) -> str:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         reason = lines[-1] if lines else ""
     return mask_text(reason.replace("\x1b[92m", "").replace("\x1b[0m", ""))
-
-
-def _tail(path: Path, since: int = 0, size: int = 8192) -> str:
-    """At most ``size`` bytes from the end of ``path``, but nothing before offset ``since``."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(since, fh.tell() - size))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -211,8 +200,8 @@ class JuicefsBackend(Backend):
             # Killed at the deadline; a daemon it forked may still be trying. Stop it too.
             await self.kill_daemons(mount_point)
             try:
-                tail = await self.runner.run(_tail, log_file, offset,
-                                             timeout=self.config.modelcenter_probe_timeout)
+                tail = await self.runner.run(read_tail, log_file, since=offset,
+                                             timeout=self.config.modelcenter_probe_timeout) or ""
             except AgentError:
                 tail = ""
             reason = _juicefs_reason(tail)
