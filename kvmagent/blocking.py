@@ -27,7 +27,6 @@ class BlockingRunner:
     def __init__(self, pool_sizes: dict[str, int]):
         self._sizes = dict(pool_sizes)
         self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-        self._busy: dict[str, int] = {}
 
     def _pool(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
         pool = self._pools.get(name)
@@ -42,18 +41,12 @@ class BlockingRunner:
         what: str | None = None, **kwargs: Any,
     ) -> T:
         loop = asyncio.get_running_loop()
-        self._busy[pool] = self._busy.get(pool, 0) + 1
         future = loop.run_in_executor(self._pool(pool), functools.partial(fn, *args, **kwargs))
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             label = what or getattr(fn, "__name__", "blocking call")
             raise BlockingTimeout(f"{label} did not finish within {timeout:g}s") from None
-        finally:
-            self._busy[pool] -= 1
-
-    def busy(self, pool: str = "default") -> int:
-        return self._busy.get(pool, 0)
 
     def shutdown(self) -> None:
         for pool in self._pools.values():

@@ -30,6 +30,3 @@ class KeyedLocks:
     def locked(self, kind: str, key: str) -> bool:
         entry = self._locks.get((kind, key))
         return bool(entry and entry[0].locked())
-
-    def __len__(self) -> int:
-        return len(self._locks)

@@ -63,7 +63,6 @@ class FencerStatus:
     last_error: str | None = None
     fenced_vm_uuids: list[str] = field(default_factory=list)
     fenced_at: float | None = None
-    failing_since: float | None = None
 
 
 class Fencer:
@@ -119,7 +118,7 @@ class Fencer:
         if result.ok:
             recovered = status.state in (FAILING, FENCED) or self.disconnected_reported
             status.state, status.consecutive_failures = HEALTHY, 0
-            status.last_heartbeat_at, status.last_error, status.failing_since = time.time(), None, None
+            status.last_heartbeat_at, status.last_error = time.time(), None
             if self.disconnected_reported:
                 self.disconnected_reported = False
                 self._on_change()
@@ -131,7 +130,6 @@ class Fencer:
             return
         status.consecutive_failures += 1
         status.last_error = result.error
-        status.failing_since = status.failing_since or time.time()
         log.warning("selffencer %s: heartbeat %d/%d on %s failed: %s", cfg.ps_uuid,
                     status.consecutive_failures, cfg.max_attempts, cfg.mount_path, result.error)
         if status.state == HEALTHY:

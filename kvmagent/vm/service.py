@@ -230,10 +230,6 @@ class VmService:
         normal = {name.replace("-", "").lower(): state for name, state in found.items()}
         return {u: found.get(u) or normal.get(u.replace("-", "").lower(), states.STOPPED) for u in uuids}
 
-    async def domain_xml(self, uuid: str, flags: int = 0) -> str:
-        dom = await self._running_domain(uuid)
-        return await self.call(lambda c: dom.XMLDesc(flags))
-
     # -- HA flag ----------------------------------------------------------------------------
     async def ha_flags(self) -> dict[str, bool]:
         """VM uuid -> enableHa for every domain on the host (network groups read this)."""
