@@ -52,3 +52,19 @@ async def test_reconcile_over_500_domains_touches_only_what_changes(scale_agent,
     third = await scale_agent.call_async(mn, "/host/vm/reconcileEnableHa/live",
                                          {"haEnabledVmUuids": wanted2})
     assert (third["enabled"], third["disabled"], third["missing"]) == ([], [], [])
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"vmUuids": ["not-a-uuid"]}, "field 'vmUuids.0'"),
+    ({"vmUuids": "0" * 32}, "field 'vmUuids'"),
+])
+async def test_enable_ha_list_bad_input_is_400(scale_agent, body, fragment):
+    status, reply = await scale_agent.post("/host/vm/enableHa/list", body)
+    assert status == 400 and fragment in reply["error"], reply
+
+
+async def test_enable_ha_list_reads_the_flags(scale_agent, domains, mn):
+    conn, uuids = domains
+    await scale_agent.call_async(mn, "/host/vm/reconcileEnableHa/live", {"haEnabledVmUuids": uuids[:2]})
+    listed = await scale_agent.call("/host/vm/enableHa/list", {"vmUuids": uuids[:3] + ["f" * 32]})
+    assert listed["enableHa"] == {uuids[0]: True, uuids[1]: True, uuids[2]: False}
