@@ -19,6 +19,7 @@ ACCEPT`` for its two bridges and removes the rules in :meth:`destroy`.
 from __future__ import annotations
 
 import ipaddress
+import re
 import json
 import secrets
 import socket
@@ -186,8 +187,11 @@ class World:
             links = [link.get("ifname") for link in ipr.link("dump")
                      if patterns.link_hash(link.get("ifname") or "")]
         ruleset = _run(["nft", "list", "ruleset"]).stdout.decode()
+        # Match whole quoted interface names: a bare substring test flags docker's rules when
+        # the random prefix is, say, "turn" (in "return").
         rules = [line.strip() for line in ruleset.splitlines()
-                 if self.prefix in line or "198.51.100." in line]
+                 if "198.51.100." in line
+                 or any(patterns.link_hash(name) for name in re.findall(r'"([^"]+)"', line))]
         return {"netns": spaces, "links": links, "nft": rules}
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import secrets
+import subprocess
 
 import pytest
 
@@ -12,7 +14,7 @@ from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
-from kvmagent.eip.naming import mac_for
+from kvmagent.eip.naming import Names, mac_for
 from kvmagent.eip.spec import EipSpec
 
 from .eip_world import (
@@ -75,7 +77,6 @@ _FIELDS = {"eip_uuid": "eipUuid", "vm_uuid": "vmUuid", "vip": "vip", "vip_netmas
 
 
 def _names(world: World, body: dict):
-    from kvmagent.eip.naming import Names
     return Names.of(world.prefix, body["eipUuid"])
 
 
@@ -644,3 +645,31 @@ async def test_abandoned_fresh_apply_is_removed_by_the_next_sync(eip_agent, worl
     reply = await agent.call(SYNC, {})
     assert reply["success"] and reply["eips"] == [], reply
     await assert_gone(world, agent, body)
+
+
+def test_leftover_check_sees_our_root_rules_and_only_ours():
+    """The clean-up checks above must be able to fail, and must not fail on other people's rules.
+
+    A root rule naming one of our link names is a leftover; docker's ``return`` rules are not,
+    even when the random prefix ("turn") is a substring of them (CI once tripped on exactly that).
+    """
+    world = World(prefix="turn")
+    ours = Names.of(world.prefix, secrets.token_hex(16)).pub_host
+    table = f"kvmagent_test_{world.tag}"
+    rules = {"nftables": [
+        {"add": {"table": {"family": "inet", "name": table}}},
+        {"add": {"chain": {"family": "inet", "table": table, "name": "fwd"}}},
+        {"add": {"rule": {"family": "inet", "table": table, "chain": "fwd", "expr": [
+            {"counter": None}, {"return": None}]}}},
+        {"add": {"rule": {"family": "inet", "table": table, "chain": "fwd", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": ours}},
+            {"return": None}]}}},
+    ]}
+    subprocess.run(["nft", "-j", "-f", "-"], input=json.dumps(rules).encode(), check=True,
+                   capture_output=True, timeout=30)
+    try:
+        left = world.leftovers()
+        assert left["nft"] == [f'iifname "{ours}" return'], left
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True, timeout=30)
+    assert world.leftovers()["nft"] == []
