@@ -115,6 +115,9 @@ class AgentConfig(BaseModel):
         30.0, gt=0, description="wait this long for the guest to release a detached share")
     virtiofs_qga_timeout: int = Field(
         5, ge=1, le=300, description="seconds for one guest-agent command (in-guest mount)")
+    virtiofs_guest_mount_wait: float = Field(
+        20.0, gt=0, description="keep retrying the in-guest mount this long while the guest is "
+        "still probing the hot-plugged device (its tag is unknown to it until then)")
     virtiofs_path_timeout: float = Field(
         10.0, gt=0, description="resolving or bind-mounting a share's source path")
     modelcenter_file_roots: list[Path] = Field(

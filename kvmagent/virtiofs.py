@@ -249,6 +249,9 @@ if libc.mount(None, export.encode(), None, flags, None) != 0:
 
 
 # -- guest agent ---------------------------------------------------------------------------
+GUEST_MOUNT_RETRY = 0.5  # seconds between in-guest mount attempts
+
+
 class GuestAgentError(Exception):
     pass
 
@@ -282,31 +285,72 @@ async def guest_exec(send: Send, path: str, args: list[str], timeout: float) -> 
         await asyncio.sleep(0.1)
 
 
+async def guest_virtiofs_mounts(send: Send, tag: str, timeout: float) -> list[str]:
+    """Where the guest has virtiofs ``tag`` mounted, from its /proc/mounts."""
+    code, mounts = await guest_exec(send, "cat", ["/proc/mounts"], timeout)
+    if code != 0:
+        raise GuestAgentError(f"cat /proc/mounts in the guest failed: {mounts or f'exit {code}'}")
+    found = []
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == tag and fields[2] == "virtiofs":
+            found.append(mounttable.unescape(fields[1]))
+    return found
+
+
+async def guest_umount(send: Send, tag: str, timeout: float) -> str:
+    """Lazily unmount every mount of ``tag`` in the guest; what happened, for the log.
+
+    Done before an unplug so the guest keeps no dead mount at the path (a later attach there
+    would otherwise find it "already mounted"); lazy so a process holding a file open cannot
+    hold up the unplug. Never raises: the unplug goes ahead either way.
+    """
+    try:
+        paths = await guest_virtiofs_mounts(send, tag, timeout)
+        failed = []
+        for path in paths:
+            code, out = await guest_exec(send, "umount", ["-l", "--", path], timeout)
+            if code != 0:
+                failed.append(f"{path}: {out or f'exit {code}'}")
+    except GuestAgentError as exc:
+        return f"in-guest unmount not done: {exc}"
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"in-guest unmount not done: unexpected guest agent answer: {exc}"
+    if failed:
+        return f"in-guest unmount failed at {'; '.join(failed)}"
+    return f"unmounted in the guest at {', '.join(paths)}" if paths else "not mounted in the guest"
+
+
 async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
-                      timeout: float) -> GuestMount:
-    """Mount virtiofs ``tag`` at ``mount_path`` inside the guest through its agent."""
+                      timeout: float, wait: float) -> GuestMount:
+    """Mount virtiofs ``tag`` at ``mount_path`` inside the guest through its agent.
+
+    The attach returns once QEMU has the device; the guest learns of it through an ACPI
+    hot-plug moments later, and until then mounting the tag fails (EINVAL on Linux 6.1,
+    "tag not found"). So a failed mount is retried for up to ``wait`` seconds.
+    """
     try:
         await send({"execute": "guest-ping"})
     except GuestAgentError as exc:
         return GuestMount(False, False, f"in-guest mount not attempted: guest agent not "
                                         f"available ({exc})")
     try:
-        code, mounts = await guest_exec(send, "cat", ["/proc/mounts"], timeout)
-        if code == 0:
-            for line in mounts.splitlines():
-                fields = line.split()
-                if len(fields) >= 3 and fields[0] == tag and fields[2] == "virtiofs" \
-                        and mounttable.unescape(fields[1]) == mount_path:
-                    return GuestMount(True, True, None)  # already mounted there
+        if mount_path in await guest_virtiofs_mounts(send, tag, timeout):
+            return GuestMount(True, True, None)  # already mounted there
         code, out = await guest_exec(send, "mkdir", ["-p", "--", mount_path], timeout)
         if code != 0:
             return GuestMount(True, False, f"mkdir -p {mount_path} in the guest failed: "
                                            f"{out or f'exit {code}'}")
         args = ["-t", "virtiofs"] + (["-o", "ro"] if readonly else []) + ["--", tag, mount_path]
-        code, out = await guest_exec(send, "mount", args, timeout)
-        if code != 0:
-            return GuestMount(True, False, f"mount in the guest failed: {out or f'exit {code}'}")
-        return GuestMount(True, True, None)
+        deadline = time.monotonic() + wait
+        while True:
+            code, out = await guest_exec(send, "mount", args, timeout)
+            if code == 0:
+                return GuestMount(True, True, None)
+            if time.monotonic() >= deadline:
+                return GuestMount(True, False, f"mount in the guest failed (tried for "
+                                               f"{wait:g}s): {out or f'exit {code}'}")
+            await asyncio.sleep(GUEST_MOUNT_RETRY)
     except GuestAgentError as exc:
         return GuestMount(True, False, f"guest agent: {exc}")
     except (KeyError, TypeError, ValueError) as exc:
@@ -518,7 +562,8 @@ class VirtiofsService:
             return GuestMount(False, False, "in-guest mount not attempted: the VM has no "
                                             "guest agent channel")
         return await guest_mount(self._qga_sender(dom), tag, mount_path, readonly,
-                                 self.config.virtiofs_qga_timeout * 2)
+                                 self.config.virtiofs_qga_timeout * 2,
+                                 self.config.virtiofs_guest_mount_wait)
 
     def _same_or_conflict(self, vm: str, tag: str, share: VirtiofsShare | None, real: str,
                           readonly: bool, cache: str) -> None:
@@ -593,6 +638,7 @@ class VirtiofsService:
             config_fs = filesystem_element(inactive, tag) if inactive else None
             error = None
             if live_fs is not None:
+                await self._guest_umount(dom, vm, tag, live)
                 error = await self._detach_live(dom, vm, tag, live_fs)
             if config_fs is not None:
                 xml = ET.tostring(config_fs, encoding="unicode")
@@ -603,6 +649,17 @@ class VirtiofsService:
             await self._forget(vm, tag)
             if live_fs is not None or config_fs is not None:
                 log.info("VM %s: virtiofs tag %s detached", vm, tag)
+
+    async def _guest_umount(self, dom: libvirt.virDomain, vm: str, tag: str, live: str) -> None:
+        if not has_guest_agent_channel(live):
+            return
+        state, _ = await self.call(lambda conn: dom.state())
+        if state == libvirt.VIR_DOMAIN_PAUSED:  # its agent cannot answer: do not wait for it
+            outcome = "in-guest unmount not done: the VM is paused"
+        else:
+            outcome = await guest_umount(self._qga_sender(dom), tag,
+                                         self.config.virtiofs_qga_timeout)
+        log.info("VM %s: virtiofs tag %s: %s", vm, tag, outcome)
 
     async def _detach_live(self, dom: libvirt.virDomain, vm: str, tag: str,
                            fs: ET.Element) -> str | None:

@@ -9,6 +9,7 @@ PACKAGES=(
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-venv
   qemu-system-x86 qemu-utils
   docker.io busybox-static
+  qemu-guest-agent  # not for the host: the test guest's initramfs carries its qemu-ga
   nftables iproute2 iptables util-linux procps fuse3 kmod openssl
 )
 

@@ -20,7 +20,7 @@ from kvmagent.vm.config import VirtiofsShare
 
 from .guest.domain import tiny_domain_xml
 from .juicefs_kit import mount_cleanup, volume  # noqa: F401
-from .vmkit import boot_vm
+from .vmkit import boot_vm, guest_run, wait_guest_agent
 
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
 
@@ -80,22 +80,57 @@ async def test_guest_mount_through_the_guest_agent_protocol():
             return {"exited": True, "exitcode": 0, "out-data": out}
         raise AssertionError(cmd)
 
-    result = await guest_mount(send, "llama", "/data/m x", True, 5)
+    result = await guest_mount(send, "llama", "/data/m x", True, 5, 5)
     assert (result.attempted, result.success, result.error) == (True, True, None)
     execs = [c for c in calls if isinstance(c, tuple)]
     assert execs == [("cat", ["/proc/mounts"]), ("mkdir", ["-p", "--", "/data/m x"]),
                      ("mount", ["-t", "virtiofs", "-o", "ro", "--", "llama", "/data/m x"])]
     calls.clear()
-    again = await guest_mount(send, "llama", "/data/m x", True, 5)
+    again = await guest_mount(send, "llama", "/data/m x", True, 5, 5)
     assert again.success and [c for c in calls if isinstance(c, tuple)] == [
         ("cat", ["/proc/mounts"])], "already mounted: nothing more to do"
 
     async def absent(cmd):
         raise GuestAgentError("QEMU guest agent is not connected")
 
-    result = await guest_mount(absent, "llama", "/m", True, 5)
+    result = await guest_mount(absent, "llama", "/m", True, 5, 5)
     assert (result.attempted, result.success) == (False, False)
     assert "guest agent not available" in result.error
+
+
+def _guest(mount_failures: int):
+    """A guest agent whose ``mount`` fails (as before the hot-plugged device is probed)
+    ``mount_failures`` times, then succeeds."""
+    import base64
+    mounts = {"n": 0}
+
+    async def send(cmd):
+        args = cmd.get("arguments", {})
+        if cmd["execute"] == "guest-exec":
+            if args["path"] == "mount":
+                mounts["n"] += 1
+            return {"pid": mounts["n"] if args["path"] == "mount" else 0}
+        if cmd["execute"] == "guest-exec-status":
+            if args["pid"] == 0:  # cat /proc/mounts, mkdir
+                return {"exited": True, "exitcode": 0, "out-data": ""}
+            ok = args["pid"] > mount_failures
+            err = base64.b64encode(b"mount: mounting t on /m failed: Invalid argument").decode()
+            return {"exited": True, "exitcode": 0 if ok else 255, "err-data": "" if ok else err}
+        return {}
+    return send, mounts
+
+
+async def test_guest_mount_is_retried_while_the_guest_probes_the_device():
+    send, mounts = _guest(mount_failures=2)
+    result = await guest_mount(send, "t", "/m", True, 5, wait=10)
+    assert (result.attempted, result.success, result.error) == (True, True, None)
+    assert mounts["n"] == 3
+    send, mounts = _guest(mount_failures=1000)
+    result = await guest_mount(send, "t", "/m", True, 5, wait=0.6)
+    assert (result.attempted, result.success) == (True, False)
+    assert result.error == ("mount in the guest failed (tried for 0.6s): mount: mounting t on "
+                            "/m failed: Invalid argument"), result
+    assert 2 <= mounts["n"] <= 3, "retried at its pace, then gave up"
 
 
 # -- with the tiny guest ----------------------------------------------------------------------
@@ -126,13 +161,17 @@ async def test_juicefs_model_is_shared_live_read_in_the_guest_and_detached(
 
     vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
     dom = lv[0].lookupByUUIDString(vm.uuid)
+    await wait_guest_agent(vm, dom)
     body = {"vmInstanceUuid": vm.uuid, "tag": "llama", "sourcePath": str(model),
             "mountPath": "/models/llama"}
     started = time.monotonic()
     reply = await agent.call_async(mn, "/virtiofs/attach", body, timeout=60)
-    assert reply["success"] is True, reply
-    assert reply["qgaMountAttempted"] is False and reply["qgaMountSuccess"] is False
-    assert "guest agent not available" in reply["qgaMountError"]
+    assert reply == {"success": True, "error": None, "qgaMountAttempted": True,
+                     "qgaMountSuccess": True, "qgaMountError": None}, reply
+    # The guest's own qemu-ga mounted the tag at mountPath, read-only, and the file reads.
+    assert await guest_run(dom, "cat", "/models/llama/README.txt") == (0, "llama weights v1\n")
+    code, mounts = await guest_run(dom, "cat", "/proc/mounts")
+    assert code == 0 and "llama /models/llama virtiofs ro" in mounts, mounts
     await vm.console.wait_for("VIRTIOFS-MOUNTED llama", timeout=60)
     await vm.console.wait_for("VIRTIOFS-READ llama README.txt llama weights v1", timeout=30)
     print(f"attach to read in the guest: {time.monotonic() - started:.2f}s")
@@ -183,6 +222,8 @@ async def test_juicefs_model_is_shared_live_read_in_the_guest_and_detached(
     gone, alive = psutil.wait_procs(procs, timeout=15)
     assert not alive, "virtiofsd exited"
     await vm.console.wait_for("VIRTIOFS-GONE llama", timeout=30)
+    code, mounts = await guest_run(dom, "cat", "/proc/mounts")
+    assert code == 0 and "virtiofs" not in mounts, "detach unmounted it in the guest too"
     assert mounttable.mount_at(export) is None, "the read-only bind mount is gone"
     assert agent.ctx.state.names("virtiofs") == []
     assert (await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid,
@@ -208,7 +249,8 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
     assert reply["success"], reply
     mc1 = Path(reply["mountPoint"])
     (models / "mc2" / "m").mkdir(parents=True)  # a directory, not a mounted model center
-    vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
+    vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared",
+                       guest_agent=False)
     dom = lv[0].lookupByUUIDString(vm.uuid)
     before = (dom.XMLDesc(0), dom.XMLDesc(INACTIVE))
     good = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(mc1 / "m"),
@@ -266,8 +308,20 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
     assert agent.ctx.state.names("virtiofs") == []
     ro_root = str(agent.config.state_dir / "virtiofs-ro")
     assert not [e for e in mounttable.read_mounts() if e.mount_point.startswith(ro_root)]
+
+    # A guest without a running guest agent gets the share; the reply says the in-guest mount
+    # was not attempted, and why.
+    reply = await agent.call_async(mn, "/virtiofs/attach", good, timeout=60)
+    assert reply["success"] is True and reply["qgaMountAttempted"] is False, reply
+    assert reply["qgaMountSuccess"] is False
+    assert "guest agent not available" in reply["qgaMountError"], reply
+    await vm.console.wait_for("VIRTIOFS-MOUNTED m", timeout=60)
+    detach = {"vmInstanceUuid": vm.uuid, "tag": "m"}
+    assert await agent.call_async(mn, "/virtiofs/detach", detach, timeout=60) == \
+        {"success": True, "error": None}
+    assert shares_in_xml(dom.XMLDesc(0)) == []
     # Detaching a tag that is not there succeeds.
-    reply = await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid, "tag": "m"})
+    reply = await agent.call_async(mn, "/virtiofs/detach", detach)
     assert reply == {"success": True, "error": None}
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 import pytest
 
 from .guest.build import BOOT_MARKER, GuestImage, build_guest
@@ -86,7 +89,7 @@ class TinyVm:
 
 def start_body(image: GuestImage, workdir: Path, *, uuid: str | None = None, enable_ha: bool = False,
                memory_backing: str = "default", disk_dir: Path | None = None,
-               vfs_tags: tuple[str, ...] = ()) -> dict[str, Any]:
+               vfs_tags: tuple[str, ...] = (), guest_agent: bool = True) -> dict[str, Any]:
     uuid = uuid or uuidlib.uuid4().hex
     disk = (disk_dir or workdir) / f"{uuid}.raw"
     with open(disk, "wb") as fh:
@@ -96,7 +99,7 @@ def start_body(image: GuestImage, workdir: Path, *, uuid: str | None = None, ena
         "enableHa": enable_ha, "memoryBacking": memory_backing,
         "rootVolume": {"installPath": str(disk), "format": "raw"},
         "bootKernel": {"kernel": str(image.kernel), "initrd": str(image.initrd),
-                       "cmdline": guest_cmdline(vfs_tags)},
+                       "cmdline": guest_cmdline(vfs_tags, "" if guest_agent else "kvmagent.qga=0")},
         "consoleLogPath": str(workdir / f"{uuid}.console.log"),
     }
 
@@ -110,3 +113,41 @@ async def boot_vm(agent, mn, lv, image: GuestImage, workdir: Path, **kwargs: Any
     console = Console(Path(body["consoleLogPath"]))
     await console.wait_for(BOOT_MARKER)
     return TinyVm(body["vmInstanceUuid"], console, Path(body["rootVolume"]["installPath"]), reply)
+
+
+# ----- the guest agent, spoken directly (to check what the agent did inside the guest) -----
+QGA_MARKER = "KVMAGENT-GUEST-QGA"
+
+
+def _qga(dom: libvirt.virDomain, execute: str, **arguments: Any) -> Any:
+    cmd = {"execute": execute, **({"arguments": arguments} if arguments else {})}
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0))["return"]
+
+
+async def wait_guest_agent(vm: TinyVm, dom: libvirt.virDomain, timeout: float = 60) -> None:
+    """Until the guest's qemu-ga runs and libvirt has seen it connect."""
+    await vm.console.wait_for(QGA_MARKER, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.to_thread(_qga, dom, "guest-ping")
+            return
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def guest_run(dom: libvirt.virDomain, path: str, *args: str,
+                    timeout: float = 30) -> tuple[int, str]:
+    """Run a program in the guest through its agent: (exit code, stdout)."""
+    pid = (await asyncio.to_thread(_qga, dom, "guest-exec", path=path, arg=list(args),
+                                   **{"capture-output": True}))["pid"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await asyncio.to_thread(_qga, dom, "guest-exec-status", pid=pid)
+        if status.get("exited"):
+            out = base64.b64decode(status.get("out-data") or "").decode(errors="replace")
+            return status.get("exitcode", -1), out
+        assert time.monotonic() < deadline, f"{path} {args} still running in the guest"
+        await asyncio.sleep(0.1)

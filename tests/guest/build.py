@@ -1,7 +1,9 @@
 """Build (and cache) a tiny bootable test guest from Debian packages only.
 
 The guest is a Debian cloud kernel plus an initramfs holding busybox-static,
-a handful of kernel modules and ``init.sh`` (next to this file).  It boots
+a handful of kernel modules, the QEMU guest agent (``qemu-ga`` from the
+host's qemu-guest-agent package, with the shared libraries it links) and
+``init.sh`` (next to this file).  It boots
 under TCG in a few seconds and speaks a line protocol on the serial console
 (see ``init.sh``): ``KVMAGENT-GUEST-READY`` once up, a heartbeat, virtiofs
 mount/read/gone lines and a power-off line on the ACPI power button.
@@ -17,7 +19,7 @@ The cache lives in ``$KVMAGENT_GUEST_CACHE`` or ``/var/cache/kvmagent-test-guest
 Each build goes to a temporary directory renamed into place when complete,
 under an exclusive lock, in a directory named after the kernel package, its
 version and a hash of everything else that goes into the initramfs (init
-script, module list, busybox binary, this builder's format version), so a
+script, module list, busybox and qemu-ga binaries, this builder's format version), so a
 changed init script gives a new build and concurrent users never see a half
 written image.
 """
@@ -50,6 +52,8 @@ CACHE_ENV = "KVMAGENT_GUEST_CACHE"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
+QGA_PACKAGE = "qemu-guest-agent"
+QGA_PATHS = ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga")
 
 # Loaded by /init in this order (each one's dependencies come before it).
 # virtio_blk serves the optional raw disk; button+evdev turn the ACPI power
@@ -61,6 +65,7 @@ MODULES = (
     "virtio_pci_legacy_dev",
     "virtio_pci",
     "virtio_blk",
+    "virtio_console",  # the guest agent's virtio-serial port
     "fuse",
     "virtiofs",
     "button",
@@ -70,7 +75,7 @@ MODULES = (
 INIT_SCRIPT = pathlib.Path(__file__).with_name("init.sh")
 
 # Bump when the layout of the initramfs or of the cache entry changes.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.gz"
@@ -166,6 +171,34 @@ def _busybox() -> pathlib.Path:
     raise GuestBuildError("no static busybox after installing busybox-static")
 
 
+def _qga() -> pathlib.Path:
+    """The host's qemu-ga: same distribution as the guest's kernel, so its libraries fit."""
+    for attempt in range(2):
+        for p in QGA_PATHS:
+            if pathlib.Path(p).is_file():
+                return pathlib.Path(p)
+        if attempt == 0:
+            _log(f"installing {QGA_PACKAGE}")
+            _run(["apt-get", "install", "-y", "--no-install-recommends", QGA_PACKAGE],
+                 env=_apt_env())
+    raise GuestBuildError(f"no qemu-ga after installing {QGA_PACKAGE}")
+
+
+def _shared_libraries(binary: pathlib.Path) -> list[pathlib.Path]:
+    """Absolute paths of the libraries (and the loader) ``binary`` needs, as ldd resolves them."""
+    out = _run(["ldd", str(binary)], text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        # "libglib-2.0.so.0 => /lib/x86_64-linux-gnu/libglib-2.0.so.0 (0x...)" or
+        # "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vdso has no file.
+        m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if m:
+            libs.append(pathlib.Path(m.group(1)))
+        elif "=>" in line and "not found" in line:
+            raise GuestBuildError(f"{binary}: {line.strip()}")
+    return libs
+
+
 def _is_static(path: pathlib.Path) -> bool:
     # A static ELF has no PT_INTERP; cheap check: no ".interp"/ld-linux string.
     with open(path, "rb") as f:
@@ -181,13 +214,15 @@ def _sha256_file(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def _content_hash(busybox: pathlib.Path) -> str:
+def _content_hash(busybox: pathlib.Path, qga: pathlib.Path) -> str:
     h = hashlib.sha256()
     h.update(f"format={FORMAT_VERSION}\n".encode())
     h.update(("modules=" + ",".join(MODULES) + "\n").encode())
     h.update(b"init=")
     h.update(INIT_SCRIPT.read_bytes())
     h.update(f"\nbusybox={_sha256_file(busybox)}\n".encode())
+    for path in [qga, *_shared_libraries(qga)]:
+        h.update(f"{path}={_sha256_file(path)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -326,7 +361,8 @@ def _pack_initramfs(root: pathlib.Path, busybox: pathlib.Path, out: pathlib.Path
         gz.write(p.stdout)
 
 
-def _build(entry_tmp: pathlib.Path, pkg: str, version: str, busybox: pathlib.Path, key: str) -> None:
+def _build(entry_tmp: pathlib.Path, pkg: str, version: str, busybox: pathlib.Path,
+           qga: pathlib.Path, key: str) -> None:
     work = entry_tmp / "work"
     work.mkdir()
     deb = _fetch_deb(pkg, version, entry_tmp.parent / "debs")
@@ -360,6 +396,11 @@ def _build(entry_tmp: pathlib.Path, pkg: str, version: str, busybox: pathlib.Pat
         os.symlink("/bin/busybox", target)
     if not (root / "bin/sh").is_symlink():
         raise GuestBuildError("busybox has no sh applet")
+    for path in [qga, *_shared_libraries(qga)]:
+        dest = root / path.relative_to("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)  # follows symlinks: the soname holds the real file
+        os.chmod(dest, 0o755)
     shutil.copyfile(INIT_SCRIPT, root / "init")
     os.chmod(root / "init", 0o755)
     for name, data in modules:
@@ -411,8 +452,8 @@ _MEMO: dict[pathlib.Path, GuestImage] = {}
 
 
 def _build_guest(cache_dir: pathlib.Path) -> GuestImage:
-    busybox = _busybox()
-    key = _content_hash(busybox)
+    busybox, qga = _busybox(), _qga()
+    key = _content_hash(busybox, qga)
     try:
         pkg, version = _resolve_kernel_package()
     except GuestBuildError as e:
@@ -440,7 +481,7 @@ def _build_guest(cache_dir: pathlib.Path) -> GuestImage:
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
         try:
             t0 = time.monotonic()
-            _build(tmp, pkg, version, busybox, key)
+            _build(tmp, pkg, version, busybox, qga, key)
             os.rename(tmp, entry)
             _log(f"built {entry} in {time.monotonic() - t0:.1f}s")
             _prune(cache_dir, entry)

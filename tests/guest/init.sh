@@ -10,6 +10,7 @@
 #   VIRTIOFS-READ <tag> <file> <first line>   for up to 5 regular files
 #   VIRTIOFS-GONE <tag>                       device removed, lazily unmounted
 #   KVMAGENT-GUEST-POWEROFF                   ACPI power button seen
+#   KVMAGENT-GUEST-QGA <device>               qemu-ga serving the guest agent channel
 #   KVMAGENT-GUEST-WARN <text>                something unexpected
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
@@ -33,15 +34,18 @@ done </etc/kvmagent/modules
 
 # Tags accepted from the kernel command line: kvmagent.vfstags=a,b
 # kvmagent.vfsdiscover=0 turns off tag discovery (to test the fallback);
-# kvmagent.debug=1 keeps kernel messages on the console.
+# kvmagent.debug=1 keeps kernel messages on the console;
+# kvmagent.qga=0 leaves the guest agent off (to test a guest without one).
 CMDLINE_TAGS=""
 DISCOVER=1
 DEBUG=0
+QGA=1
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmagent.vfstags=*) CMDLINE_TAGS=$(echo "${arg#kvmagent.vfstags=}" | tr ',' ' ') ;;
         kvmagent.vfsdiscover=0) DISCOVER=0 ;;
         kvmagent.debug=1) DEBUG=1 ;;
+        kvmagent.qga=0) QGA=0 ;;
     esac
 done
 
@@ -84,6 +88,35 @@ until powerbutton_watch; do
     fi
     sleep 0.1
 done
+
+# --- QEMU guest agent ------------------------------------------------------
+# Serve the virtio-serial port named org.qemu.guest_agent.0 (present when the
+# domain has the channel, as the agent's domains do).  The port shows up while
+# virtio_console probes, so look for it a few times, in the background.
+qga_start() {
+    for port in /sys/class/virtio-ports/*; do
+        [ -r "$port/name" ] && read -r pname <"$port/name" || continue
+        [ "$pname" = org.qemu.guest_agent.0 ] || continue
+        dev="/dev/${port##*/}"
+        [ -c "$dev" ] || continue
+        mkdir -p /run/qga
+        qemu-ga -m virtio-serial -p "$dev" -t /run/qga -l /run/qga/log -d -f /run/qga/pid ||
+            { warn "qemu-ga failed to start on $dev"; return 0; }
+        echo "KVMAGENT-GUEST-QGA $dev"
+        return 0
+    done
+    return 1
+}
+if [ "$QGA" = 1 ]; then
+    (
+        tries=0
+        until qga_start; do
+            tries=$((tries + 1))
+            [ $tries -lt 20 ] || exit 0   # no channel: a guest without an agent
+            sleep 0.2
+        done
+    ) &
+fi
 
 # --- virtiofs tag discovery -------------------------------------------------
 valid_tag() {
