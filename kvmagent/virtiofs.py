@@ -116,7 +116,7 @@ def has_guest_agent_channel(xml: str) -> bool:
 
 # -- registry ------------------------------------------------------------------------------
 class ShareRegistry:
-    """tag -> {vmInstanceUuid, sourcePath, exportDir, readonly, cacheMode} per VM."""
+    """tag -> {vmInstanceUuid, sourcePath, exportDir, readonly, cacheMode, mountPath} per VM."""
 
     def __init__(self, ctx: AgentContext):
         self.state = ctx.state
@@ -555,7 +555,11 @@ class VirtiofsService:
                     mc_entry = self._check_model_center(source, mc)
                     self._check_writable(source, mc, mc_entry, readonly)
                     await self._attach_new(dom, vm, tag, real, mc_entry, rel, persistent,
-                                           readonly, cache, binary)
+                                           readonly, cache, binary, mount_path)
+        return await self._mount_in_guest(dom, live, tag, mount_path, readonly)
+
+    async def _mount_in_guest(self, dom: libvirt.virDomain, live: str, tag: str,
+                              mount_path: str | None, readonly: bool) -> GuestMount:
         if not mount_path:
             return GuestMount(False, False, "in-guest mount not attempted: no mountPath given")
         if not has_guest_agent_channel(live):
@@ -564,6 +568,42 @@ class VirtiofsService:
         return await guest_mount(self._qga_sender(dom), tag, mount_path, readonly,
                                  self.config.virtiofs_qga_timeout * 2,
                                  self.config.virtiofs_guest_mount_wait)
+
+    # -- reshare ----------------------------------------------------------------------------
+    async def reshare(self, vm: str, tag: str) -> GuestMount | None:
+        """Export a share afresh after its model center was remounted; None if it is gone.
+
+        virtiofsd keeps the old mount (through the agent's bind of it) open, so after a
+        remount the guest would go on reading a dead file system. The device is unplugged,
+        the new mount bound in its place and the device plugged in again (live only: the
+        persistent definition names the same export path), then mounted again in the guest
+        at the recorded mountPath.
+        """
+        binary = self.virtiofsd()
+        if binary is None:
+            raise AgentError(f"virtiofsd not found at {self.config.virtiofsd_binary}")
+        async with self.vm_lock(vm):
+            rec = self.registry.load(vm).get(tag)
+            try:
+                dom, active, _, live, _ = await self._domain(vm)
+            except NotFoundError:
+                return None
+            fs = filesystem_element(live, tag) if active else None
+            if rec is None or fs is None:
+                return None
+            readonly, cache = bool(rec.get("readonly")), rec.get("cacheMode") or "auto"
+            await self._guest_umount(dom, vm, tag, live)
+            error = await self._detach_live(dom, vm, tag, fs)
+            if error:
+                raise AgentError(error)
+            await self._unbind(rec.get("exportDir"))
+            real, mc, rel = await self._resolve_source(rec["sourcePath"])
+            async with self.ctx.locks.hold(MODELCENTER_LOCK, mc):
+                mc_entry = self._check_model_center(real, mc)
+                await self._attach_new(dom, vm, tag, real, mc_entry, rel, False, readonly,
+                                       cache, binary, rec.get("mountPath"))
+            log.info("VM %s: virtiofs tag %s exports the remounted %s again", vm, tag, real)
+        return await self._mount_in_guest(dom, live, tag, rec.get("mountPath"), readonly)
 
     def _same_or_conflict(self, vm: str, tag: str, share: VirtiofsShare | None, real: str,
                           readonly: bool, cache: str) -> None:
@@ -583,7 +623,8 @@ class VirtiofsService:
 
     async def _attach_new(self, dom: libvirt.virDomain, vm: str, tag: str, real: str,
                           mc_entry: mounttable.MountEntry, rel: str, persistent: bool,
-                          readonly: bool, cache: str, binary: str) -> None:
+                          readonly: bool, cache: str, binary: str,
+                          mount_path: str | None) -> None:
         # virtiofsd always exports a bind mount the agent made from a no-follow walk, never
         # the requested path itself (which a symlink could redirect).
         export = await self._bind(vm, tag, mc_entry, rel, readonly)
@@ -592,7 +633,7 @@ class VirtiofsService:
         xml = share.to_xml()
         await self.registry.put(vm, tag, {"vmInstanceUuid": vm, "sourcePath": real,
                                     "exportDir": export, "readonly": readonly,
-                                    "cacheMode": cache})
+                                    "cacheMode": cache, "mountPath": mount_path})
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         if persistent:
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG

@@ -19,7 +19,7 @@ from kvmagent.virtiofs import GuestAgentError, guest_mount, shares_in_xml
 from kvmagent.vm.config import VirtiofsShare
 
 from .guest.domain import tiny_domain_xml
-from .juicefs_kit import mount_cleanup, volume  # noqa: F401
+from .juicefs_kit import daemons, mount_cleanup, signal_all, volume  # noqa: F401
 from .vmkit import boot_vm, guest_run, wait_guest_agent
 
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE
@@ -229,6 +229,59 @@ async def test_juicefs_model_is_shared_live_read_in_the_guest_and_detached(
     assert (await agent.call_async(mn, "/virtiofs/detach", {"vmInstanceUuid": vm.uuid,
                                                              "tag": "llama"}))["success"]
     assert (await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}))["success"]
+
+
+@pytest.mark.libvirt
+@pytest.mark.guest
+@pytest.mark.juicefs
+async def test_dead_juicefs_is_remounted_and_exported_again_into_the_guest(
+        make_agent, mount_cleanup, mn, lv, guest_image, workdir, volume, tmp_path):  # noqa: F811
+    """The juicefs daemon of a shared model center dies: the watcher remounts it, and the share
+    is plugged in again from the new mount and remounted in the guest at its mountPath."""
+    import signal
+
+    agent = await make_agent(plugins=_plugins(), vm_path_roots=[workdir, guest_image.kernel.parent],
+                             juicefs_cache_dir=tmp_path / "jfscache",
+                             modelcenter_health_interval=0.3, modelcenter_probe_timeout=1.0,
+                             modelcenter_remount_after=1)
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": volume.storage_url}, timeout=90)
+    point = Path(reply["mountPoint"])
+    (point / "m").mkdir()
+    (point / "m" / "v1.txt").write_text("version one\n")
+    vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared")
+    dom = lv[0].lookupByUUIDString(vm.uuid)
+    await wait_guest_agent(vm, dom)
+    body = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(point / "m"),
+            "mountPath": "/models/m"}
+    reply = await agent.call_async(mn, "/virtiofs/attach", body, timeout=60)
+    assert reply["qgaMountSuccess"] is True, reply
+    assert await guest_run(dom, "cat", "/models/m/v1.txt") == (0, "version one\n")
+    export = shares_in_xml(dom.XMLDesc(0))[0].source_dir
+    old_virtiofsd = {p.pid for p in virtiofsd_for(export)}
+    assert old_virtiofsd
+
+    signal_all(daemons(point), signal.SIGKILL)
+    health = agent.ctx.services["modelcenter"].health
+    await wait_for(lambda: health[mc].remounts >= 1, 60, "the remount")
+    (point / "m" / "v2.txt").write_text("version two\n")  # only the new mount has it
+
+    deadline = time.monotonic() + 90
+    while (seen := await guest_run(dom, "cat", "/models/m/v2.txt")) != (0, "version two\n"):
+        assert time.monotonic() < deadline, f"the guest never read the new mount: {seen}"
+        await asyncio.sleep(0.5)
+    assert await guest_run(dom, "cat", "/models/m/v1.txt") == (0, "version one\n")
+    code, mounts = await guest_run(dom, "cat", "/proc/mounts")
+    assert mounts.count("m /models/m virtiofs ro") == 1, mounts
+    new_virtiofsd = {p.pid for p in virtiofsd_for(export)}
+    assert new_virtiofsd and not new_virtiofsd & old_virtiofsd, "a fresh virtiofsd serves it"
+    assert [s.tag for s in shares_in_xml(dom.XMLDesc(0))] == ["m"]
+    assert [s.tag for s in shares_in_xml(dom.XMLDesc(INACTIVE))] == ["m"], \
+        "the persistent definition still has the share"
+    assert agent.ctx.services["virtiofs"].registry.load(vm.uuid)["m"]["mountPath"] == "/models/m"
+    await vm.console.wait_for("VIRTIOFS-GONE m", timeout=30)
+    await vm.console.wait_for("VIRTIOFS-MOUNTED m", timeout=30, occurrences=2)
 
 
 @pytest.mark.libvirt
