@@ -396,6 +396,13 @@ class VirtiofsService:
         binary = str(self.config.virtiofsd_binary)
         return binary if os.access(binary, os.X_OK) else None
 
+    def required_virtiofsd(self) -> str:
+        binary = self.virtiofsd()
+        if binary is None:
+            raise AgentError(f"virtiofsd not found at {self.config.virtiofsd_binary} "
+                             f"(config virtiofsd_binary; Debian package qemu-system-common)")
+        return binary
+
     async def _domain(self, uuid: str) -> tuple[libvirt.virDomain, bool, bool, str, str | None]:
         """(domain, active, persistent, live XML, inactive XML or None); NotFoundError."""
         def read(conn: libvirt.virConnect):
@@ -530,10 +537,7 @@ class VirtiofsService:
     # -- attach -----------------------------------------------------------------------------
     async def attach(self, vm: str, tag: str, source: str, mount_path: str | None,
                      readonly: bool, cache: str) -> GuestMount:
-        binary = self.virtiofsd()
-        if binary is None:
-            raise AgentError(f"virtiofsd not found at {self.config.virtiofsd_binary} "
-                             f"(config virtiofsd_binary; Debian package qemu-system-common)")
+        binary = self.required_virtiofsd()
         async with self.vm_lock(vm):
             dom, active, persistent, live, _ = await self._domain(vm)
             if not active:
@@ -579,9 +583,7 @@ class VirtiofsService:
         persistent definition names the same export path), then mounted again in the guest
         at the recorded mountPath.
         """
-        binary = self.virtiofsd()
-        if binary is None:
-            raise AgentError(f"virtiofsd not found at {self.config.virtiofsd_binary}")
+        binary = self.required_virtiofsd()
         async with self.vm_lock(vm):
             rec = self.registry.load(vm).get(tag)
             try:
