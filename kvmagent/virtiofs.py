@@ -250,6 +250,9 @@ if libc.mount(None, export.encode(), None, flags, None) != 0:
 
 # -- guest agent ---------------------------------------------------------------------------
 GUEST_MOUNT_RETRY = 0.5  # seconds between in-guest mount attempts
+REEXPORT_PARALLEL = 4  # shares unplugged and plugged again at once, host-wide
+REEXPORT_BACKOFF_CAP = 300.0  # seconds, between attempts to re-export one share
+GUEST_UMOUNT_MAX = 16  # in-guest mounts of one tag undone before an unplug (the guest lists them)
 
 
 class GuestAgentError(Exception):
@@ -298,36 +301,54 @@ async def guest_virtiofs_mounts(send: Send, tag: str, timeout: float) -> list[st
     return found
 
 
-async def guest_umount(send: Send, tag: str, timeout: float) -> str:
-    """Lazily unmount every mount of ``tag`` in the guest; what happened, for the log.
+@dataclass
+class GuestUnmount:
+    paths: list[str]  # where the tag was unmounted
+    outcome: str  # what happened, for the log
+
+
+async def guest_umount(send: Send, tag: str, timeout: float) -> GuestUnmount:
+    """Lazily unmount the mounts of ``tag`` in the guest (at most GUEST_UMOUNT_MAX of them).
 
     Done before an unplug so the guest keeps no dead mount at the path (a later attach there
     would otherwise find it "already mounted"); lazy so a process holding a file open cannot
-    hold up the unplug. Never raises: the unplug goes ahead either way.
+    hold up the unplug. Never raises, and the whole takes at most ``2 * timeout`` plus one
+    command: the unplug goes ahead either way.
     """
+    done: list[str] = []
+    deadline = time.monotonic() + 2 * timeout
     try:
-        paths = await guest_virtiofs_mounts(send, tag, timeout)
+        paths = (await guest_virtiofs_mounts(send, tag, timeout))[:GUEST_UMOUNT_MAX]
         failed = []
         for path in paths:
+            if time.monotonic() > deadline:
+                failed.append(f"{path}: no time left")
+                continue
             code, out = await guest_exec(send, "umount", ["-l", "--", path], timeout)
-            if code != 0:
+            if code == 0:
+                done.append(path)
+            else:
                 failed.append(f"{path}: {out or f'exit {code}'}")
     except GuestAgentError as exc:
-        return f"in-guest unmount not done: {exc}"
+        return GuestUnmount(done, f"in-guest unmount not done: {exc}")
     except (KeyError, TypeError, ValueError) as exc:
-        return f"in-guest unmount not done: unexpected guest agent answer: {exc}"
+        return GuestUnmount(done, f"in-guest unmount not done: unexpected guest agent answer: "
+                                  f"{exc}")
     if failed:
-        return f"in-guest unmount failed at {'; '.join(failed)}"
-    return f"unmounted in the guest at {', '.join(paths)}" if paths else "not mounted in the guest"
+        return GuestUnmount(done, f"in-guest unmount failed at {'; '.join(failed)}")
+    return GuestUnmount(done, f"unmounted in the guest at {', '.join(done)}" if done
+                        else "not mounted in the guest")
 
 
 async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
-                      timeout: float, wait: float) -> GuestMount:
+                      timeout: float, wait: float, fresh: bool = False) -> GuestMount:
     """Mount virtiofs ``tag`` at ``mount_path`` inside the guest through its agent.
 
     The attach returns once QEMU has the device; the guest learns of it through an ACPI
     hot-plug moments later, and until then mounting the tag fails (EINVAL on Linux 6.1,
     "tag not found"). So a failed mount is retried for up to ``wait`` seconds.
+    ``fresh``: a mount of the tag already at ``mount_path`` is of an older device (a re-export):
+    unmount it rather than take it for this one.
     """
     try:
         await send({"execute": "guest-ping"})
@@ -336,7 +357,9 @@ async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
                                         f"available ({exc})")
     try:
         if mount_path in await guest_virtiofs_mounts(send, tag, timeout):
-            return GuestMount(True, True, None)  # already mounted there
+            if not fresh:
+                return GuestMount(True, True, None)  # already mounted there
+            await guest_exec(send, "umount", ["-l", "--", mount_path], timeout)
         code, out = await guest_exec(send, "mkdir", ["-p", "--", mount_path], timeout)
         if code != 0:
             return GuestMount(True, False, f"mkdir -p {mount_path} in the guest failed: "
@@ -365,6 +388,11 @@ class VirtiofsService:
         self.registry = ShareRegistry(ctx)
         # (domain uuid key, device alias) -> future: True removed, False removal failed
         self._waiters: dict[tuple[str, str], asyncio.Future] = {}
+        # re-exports after a remount, per (domain uuid key, tag)
+        self._reexporting: set[tuple[str, str]] = set()
+        self._reexport_failures: dict[tuple[str, str], int] = {}
+        self._reexport_after: dict[tuple[str, str], float] = {}
+        self._reexport_slots = asyncio.Semaphore(REEXPORT_PARALLEL)
 
     async def start(self) -> None:
         lv = self.ctx.libvirt
@@ -563,7 +591,8 @@ class VirtiofsService:
         return await self._mount_in_guest(dom, live, tag, mount_path, readonly)
 
     async def _mount_in_guest(self, dom: libvirt.virDomain, live: str, tag: str,
-                              mount_path: str | None, readonly: bool) -> GuestMount:
+                              mount_path: str | None, readonly: bool,
+                              fresh: bool = False) -> GuestMount:
         if not mount_path:
             return GuestMount(False, False, "in-guest mount not attempted: no mountPath given")
         if not has_guest_agent_channel(live):
@@ -571,17 +600,67 @@ class VirtiofsService:
                                             "guest agent channel")
         return await guest_mount(self._qga_sender(dom), tag, mount_path, readonly,
                                  self.config.virtiofs_qga_timeout * 2,
-                                 self.config.virtiofs_guest_mount_wait)
+                                 self.config.virtiofs_guest_mount_wait, fresh)
 
-    # -- reshare ----------------------------------------------------------------------------
+    # -- re-export after a remount -----------------------------------------------------------
+    def reexport_stale(self, mc_entry: mounttable.MountEntry) -> None:
+        """Export the model center mounted at ``mc_entry`` again to every share still bound
+        to an older mount of it (remounted by the watcher, at start-up or by the MN).
+
+        virtiofsd holds the export it was started with, so after a remount its guest would
+        go on reading a dead file system. A share is stale when its bind mount is gone or
+        lies on another device than the model center's mount now. Each runs as its own task,
+        a few at a time, with a growing pause after a failure; called every health round.
+        """
+        prefix = mc_entry.mount_point.rstrip("/") + "/"
+        binds = {e.mount_point: e for e in mounttable.read_mounts(self.config.procfs_root)}
+        now = time.monotonic()
+        for records in self.registry.all().values():
+            for tag, rec in records.items():
+                vm, source = rec.get("vmInstanceUuid"), rec.get("sourcePath") or ""
+                bind = binds.get(rec.get("exportDir") or "")
+                if not vm or not (source + "/").startswith(prefix) or \
+                        (bind is not None and bind.dev == mc_entry.dev):
+                    continue
+                key = (vm_key(vm), tag)
+                if key in self._reexporting or self._reexport_after.get(key, 0) > now:
+                    continue
+                self._reexporting.add(key)
+                self.ctx.spawn(self._reexport(vm, tag, key), name=f"virtiofs re-export {vm} {tag}")
+
+    async def _reexport(self, vm: str, tag: str, key: tuple[str, str]) -> None:
+        try:
+            async with self._reexport_slots:
+                mounted = await self.reshare(vm, tag)
+        except Exception as exc:  # noqa: BLE001 - a background task must report, not die
+            failures = self._reexport_failures.get(key, 0) + 1
+            self._reexport_failures[key] = failures
+            delay = min(self.config.modelcenter_health_interval * 2 ** (failures - 1),
+                        REEXPORT_BACKOFF_CAP)
+            self._reexport_after[key] = time.monotonic() + delay
+            log.error("VM %s: virtiofs tag %s was not exported again after its model center "
+                      "was remounted: %s (next attempt in %.3gs)", vm, tag, exc, delay)
+            return
+        finally:
+            self._reexporting.discard(key)
+        self._reexport_failures.pop(key, None)
+        self._reexport_after.pop(key, None)
+        if mounted is None:  # not a live share of a running VM (now): look again much later
+            self._reexport_after[key] = time.monotonic() + REEXPORT_BACKOFF_CAP
+            await self.cleanup_vm(vm)
+        elif mounted.attempted and not mounted.success:
+            log.error("VM %s: virtiofs tag %s exported again, but not mounted in the guest: "
+                      "%s", vm, tag, mounted.error)
+
     async def reshare(self, vm: str, tag: str) -> GuestMount | None:
-        """Export a share afresh after its model center was remounted; None if it is gone.
+        """Unplug share ``tag`` of ``vm``, bind its source from the model center's current
+        mount, plug it in again and mount it in the guest where it was mounted (and at the
+        recorded mountPath). None if it is not a live share of a running VM.
 
-        virtiofsd keeps the old mount (through the agent's bind of it) open, so after a
-        remount the guest would go on reading a dead file system. The device is unplugged,
-        the new mount bound in its place and the device plugged in again (live only: the
-        persistent definition names the same export path), then mounted again in the guest
-        at the recorded mountPath.
+        Everything that can be checked is checked before the unplug. The source is not
+        resolved again (it was at attach): its path below the model center is walked by
+        :meth:`_bind` without following symlinks, so a symlink planted since cannot
+        redirect the share. Live only: the persistent definition names the same export path.
         """
         binary = self.required_virtiofsd()
         async with self.vm_lock(vm):
@@ -591,21 +670,53 @@ class VirtiofsService:
             except NotFoundError:
                 return None
             fs = filesystem_element(live, tag) if active else None
-            if rec is None or fs is None:
+            if rec is None or fs is None or \
+                    VirtiofsShare.from_element(fs).source_dir != rec.get("exportDir"):
                 return None
-            readonly, cache = bool(rec.get("readonly")), rec.get("cacheMode") or "auto"
-            await self._guest_umount(dom, vm, tag, live)
+            real, readonly = rec["sourcePath"], bool(rec.get("readonly"))
+            cache = rec.get("cacheMode") or "auto"
+            root = str(self._modelcenter().root).rstrip("/")
+            if not real.startswith(root + "/"):
+                raise AgentError(f"recorded source {real} is outside the models root {root}")
+            mc, _, rel = real[len(root) + 1:].partition("/")
+            async with self.ctx.locks.hold(MODELCENTER_LOCK, mc):
+                self._check_writable(real, mc, self._check_model_center(real, mc), readonly)
+            now, exists, is_dir = await mounttable.resolve_path(
+                real, self.config.virtiofs_path_timeout)
+            if now != real or not is_dir:
+                raise AgentError(f"its source {real} " + (
+                    f"now resolves to {now} (a symbolic link was put in its path)"
+                    if now != real else "is no longer a directory" if exists
+                    else "no longer exists") + "; the share keeps its old export")
+            if await self._paused(dom):
+                raise AgentError(f"VM {vm} is paused: it cannot release the device now")
+            mounted_at = await self._guest_umount(dom, vm, tag, live)
             error = await self._detach_live(dom, vm, tag, fs)
             if error:
                 raise AgentError(error)
             await self._unbind(rec.get("exportDir"))
-            real, mc, rel = await self._resolve_source(rec["sourcePath"])
-            async with self.ctx.locks.hold(MODELCENTER_LOCK, mc):
-                mc_entry = self._check_model_center(real, mc)
-                await self._attach_new(dom, vm, tag, real, mc_entry, rel, False, readonly,
-                                       cache, binary, rec.get("mountPath"))
+            if not (await self._domain(vm))[1]:
+                return None  # it stopped meanwhile
+            try:
+                async with self.ctx.locks.hold(MODELCENTER_LOCK, mc):
+                    mc_entry = self._check_model_center(real, mc)
+                    self._check_writable(real, mc, mc_entry, readonly)
+                    await self._attach_new(dom, vm, tag, real, mc_entry, rel, False, readonly,
+                                           cache, binary, rec.get("mountPath"))
+            except Exception:
+                await self.registry.put(vm, tag, rec)  # it is still in the persistent definition
+                raise
             log.info("VM %s: virtiofs tag %s exports the remounted %s again", vm, tag, real)
-        return await self._mount_in_guest(dom, live, tag, rec.get("mountPath"), readonly)
+        paths = list(dict.fromkeys(mounted_at + ([rec["mountPath"]] if rec.get("mountPath")
+                                                 else [])))
+        if not paths:
+            return GuestMount(False, False, "in-guest mount not attempted: it was not mounted "
+                                            "in the guest")
+        results = [await self._mount_in_guest(dom, live, tag, p, readonly, fresh=True)
+                   for p in paths]
+        failed = [f"{p}: {r.error}" for p, r in zip(paths, results, strict=True) if not r.success]
+        return GuestMount(any(r.attempted for r in results), not failed,
+                          "; ".join(failed) or None)
 
     def _same_or_conflict(self, vm: str, tag: str, share: VirtiofsShare | None, real: str,
                           readonly: bool, cache: str) -> None:
@@ -683,6 +794,8 @@ class VirtiofsService:
             if live_fs is not None:
                 await self._guest_umount(dom, vm, tag, live)
                 error = await self._detach_live(dom, vm, tag, live_fs)
+                if error and config_fs is not None:
+                    error += " (it was removed from the persistent definition)"
             if config_fs is not None:
                 xml = ET.tostring(config_fs, encoding="unicode")
                 await self.call(lambda conn: dom.detachDeviceFlags(
@@ -693,16 +806,22 @@ class VirtiofsService:
             if live_fs is not None or config_fs is not None:
                 log.info("VM %s: virtiofs tag %s detached", vm, tag)
 
-    async def _guest_umount(self, dom: libvirt.virDomain, vm: str, tag: str, live: str) -> None:
+    async def _guest_umount(self, dom: libvirt.virDomain, vm: str, tag: str,
+                            live: str) -> list[str]:
+        """Unmount ``tag`` in the guest before an unplug; where it was mounted."""
         if not has_guest_agent_channel(live):
-            return
-        state, _ = await self.call(lambda conn: dom.state())
-        if state == libvirt.VIR_DOMAIN_PAUSED:  # its agent cannot answer: do not wait for it
-            outcome = "in-guest unmount not done: the VM is paused"
+            return []
+        if await self._paused(dom):  # its agent cannot answer: do not wait for it
+            result = GuestUnmount([], "in-guest unmount not done: the VM is paused")
         else:
-            outcome = await guest_umount(self._qga_sender(dom), tag,
-                                         self.config.virtiofs_qga_timeout)
-        log.info("VM %s: virtiofs tag %s: %s", vm, tag, outcome)
+            result = await guest_umount(self._qga_sender(dom), tag,
+                                        self.config.virtiofs_qga_timeout)
+        log.info("VM %s: virtiofs tag %s: %s", vm, tag, result.outcome)
+        return result.paths
+
+    async def _paused(self, dom: libvirt.virDomain) -> bool:
+        state, _ = await self.call(lambda conn: dom.state())
+        return state == libvirt.VIR_DOMAIN_PAUSED
 
     async def _detach_live(self, dom: libvirt.virDomain, vm: str, tag: str,
                            fs: ET.Element) -> str | None:
@@ -736,7 +855,7 @@ class VirtiofsService:
                     return (f"VM {vm} did not release virtiofs tag {tag} (device {alias}) "
                             f"within {timeout:g}s: the guest did not answer the unplug request "
                             f"(is its OS running, with ACPI hot-plug?); the device is still "
-                            f"attached and was removed from the persistent definition")
+                            f"attached")
         except NotFoundError:
             return None  # the domain went away: nothing left to release
         finally:

@@ -89,7 +89,10 @@ class TinyVm:
 
 def start_body(image: GuestImage, workdir: Path, *, uuid: str | None = None, enable_ha: bool = False,
                memory_backing: str = "default", disk_dir: Path | None = None,
-               vfs_tags: tuple[str, ...] = (), guest_agent: bool = True) -> dict[str, Any]:
+               vfs_tags: tuple[str, ...] = (), guest_agent: bool = True,
+               vfs_discover: bool = True) -> dict[str, Any]:
+    """A /vm/start body for the tiny guest. ``guest_agent=False``: the guest runs no qemu-ga;
+    ``vfs_discover=False``: its init does not mount virtiofs tags by itself."""
     uuid = uuid or uuidlib.uuid4().hex
     disk = (disk_dir or workdir) / f"{uuid}.raw"
     with open(disk, "wb") as fh:
@@ -99,7 +102,9 @@ def start_body(image: GuestImage, workdir: Path, *, uuid: str | None = None, ena
         "enableHa": enable_ha, "memoryBacking": memory_backing,
         "rootVolume": {"installPath": str(disk), "format": "raw"},
         "bootKernel": {"kernel": str(image.kernel), "initrd": str(image.initrd),
-                       "cmdline": guest_cmdline(vfs_tags, "" if guest_agent else "kvmagent.qga=0")},
+                       "cmdline": guest_cmdline(vfs_tags, " ".join(
+                           ([] if guest_agent else ["kvmagent.qga=0"])
+                           + ([] if vfs_discover else ["kvmagent.vfsdiscover=0"])))},
         "consoleLogPath": str(workdir / f"{uuid}.console.log"),
     }
 

@@ -113,6 +113,13 @@ class ModelCenterService:
             return None
         return entry
 
+    def reexport_stale_shares(self, uuid: str) -> None:
+        """``uuid`` is healthy: shares still bound to an older mount of it get the new one."""
+        vfs = self.ctx.services.get("virtiofs")
+        entry = self.mounted(uuid)
+        if vfs is not None and entry is not None:
+            vfs.reexport_stale(entry)
+
     def lock(self, uuid: str):
         return self.ctx.locks.hold(LOCK, uuid)
 
@@ -321,73 +328,37 @@ class ModelCenterService:
             record = self.record(uuid)
             if record is None:
                 return False
-            healthy, shared = await self._repair(uuid, record)
-        if shared:  # outside the lock: a reshare takes VM locks, then this one
-            await self._reshare(uuid, shared)
-        return healthy
-
-    async def _repair(self, uuid: str, record: Record) -> tuple[bool, list]:
-        """(healthy now, the shares that were exporting the mount this repair replaced)."""
-        now = await self.check(uuid, record)
-        health = self._health(uuid)
-        if now is None:
-            self._mark(uuid, None).failures = 0
-            health.repaired()
-            return True, []
-        mount_point = self.mount_point(uuid)
-        backend = self.backend(record.kind)
-        held = await self._remount_blocked(uuid, record, backend)
-        if held:
-            delay = health.repair_failed(self.config.modelcenter_health_interval,
-                                         REPAIR_BACKOFF_CAP)
-            log.error("model center %s: %s is unhealthy (%s) but NOT remounted: %s; "
-                      "next look in %.0fs", uuid, mount_point, now, held, delay)
-            self._mark(uuid, f"{now}; not remounted: {held}")
-            return False, []
-        shared = await self._shares_or_none(uuid)
-        log.warning("model center %s: remounting %s (%s)", uuid, mount_point, now)
-        try:
-            await backend.recover(mount_point, record.daemon)
-            await self._mount(uuid, record, record.url)
-        except Exception as exc:  # noqa: BLE001 - a background repair must report, not die
-            delay = health.repair_failed(self.config.modelcenter_health_interval,
-                                         REPAIR_BACKOFF_CAP)
-            log.error("model center %s: remount failed: %s (next attempt in %.0fs)", uuid,
-                      exc, delay)
-            self._mark(uuid, f"{now}; remount failed: {exc}")
-            return False, []
-        health.remounts += 1
-        health.last_remount_at = time.monotonic()
-        health.repaired()
-        return True, shared
-
-    async def _shares_or_none(self, uuid: str) -> list:
-        try:
-            return await self.shares_using(uuid)
-        except AgentError as exc:
-            log.warning("model center %s: cannot list the shares of it (%s); they will not be "
-                        "re-exported after the remount", uuid, exc)
-            return []
-
-    async def _reshare(self, uuid: str, shares: list) -> None:
-        """Have every VM that shared the old mount export the new one (in parallel)."""
-        vfs = self.ctx.services.get("virtiofs")
-        if vfs is None:
-            return
-
-        async def one(share) -> None:
+            now = await self.check(uuid, record)
+            health = self._health(uuid)
+            if now is None:
+                self._mark(uuid, None).failures = 0
+                health.repaired()
+                return True
+            mount_point = self.mount_point(uuid)
+            backend = self.backend(record.kind)
+            held = await self._remount_blocked(uuid, record, backend)
+            if held:
+                delay = health.repair_failed(self.config.modelcenter_health_interval,
+                                             REPAIR_BACKOFF_CAP)
+                log.error("model center %s: %s is unhealthy (%s) but NOT remounted: %s; "
+                          "next look in %.0fs", uuid, mount_point, now, held, delay)
+                self._mark(uuid, f"{now}; not remounted: {held}")
+                return False
+            log.warning("model center %s: remounting %s (%s)", uuid, mount_point, now)
             try:
-                mounted = await vfs.reshare(share.vm_uuid, share.tag)
-            except Exception as exc:  # noqa: BLE001 - one VM's failure must not stop the rest
-                log.error("model center %s was remounted, but VM %s tag %s still exports the "
-                          "old mount: %s; detach and attach the share to repair it", uuid,
-                          share.vm_uuid, share.tag, exc)
-                return
-            if mounted is not None and mounted.attempted and not mounted.success:
-                log.error("model center %s: VM %s tag %s exported again, but not mounted in "
-                          "the guest: %s", uuid, share.vm_uuid, share.tag, mounted.error)
-
-        await asyncio.gather(*(one(s) for s in shares))
+                await backend.recover(mount_point, record.daemon)
+                await self._mount(uuid, record, record.url)
+            except Exception as exc:  # noqa: BLE001 - a background repair must report, not die
+                delay = health.repair_failed(self.config.modelcenter_health_interval,
+                                             REPAIR_BACKOFF_CAP)
+                log.error("model center %s: remount failed: %s (next attempt in %.0fs)", uuid,
+                          exc, delay)
+                self._mark(uuid, f"{now}; remount failed: {exc}")
+                return False
+            health.remounts += 1
+            health.last_remount_at = time.monotonic()
+            health.repaired()
+            return True
 
     async def shares_using(self, uuid: str) -> list:
         """Virtiofs shares of running VMs inside this model center (AgentError if unknown)."""

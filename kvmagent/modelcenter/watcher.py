@@ -14,7 +14,9 @@ I, 2I, 4I, ... up to 5 minutes. A mount that running VMs share through virtiofs 
 remounted while its juicefs daemon is alive (it may only be slow; killing it would break
 the shares for good): it stays marked unhealthy, with the reason, until it answers again.
 Probes of different mounts run in parallel and are bounded, and repairs run as their own
-tasks, so one hung mount delays neither the others nor the agent.
+tasks, so one hung mount delays neither the others nor the agent. Each round that finds a
+mount healthy also has virtiofs export it again to shares still bound to an older mount of
+it (after any remount: by the watcher, at start-up or by /modelcenter/mount).
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class MountWatcher:
                 log.info("model center %s is healthy again", uuid)
             health.failures, health.noticed_at = 0, None
             health.repaired()
+            svc.reexport_stale_shares(uuid)
             return
         health.failures += 1
         if health.noticed_at is None:

@@ -112,7 +112,7 @@ if [ "$QGA" = 1 ]; then
         tries=0
         until qga_start; do
             tries=$((tries + 1))
-            [ $tries -lt 20 ] || exit 0   # no channel: a guest without an agent
+            [ $tries -lt 50 ] || exit 0   # no channel: a guest without an agent
             sleep 0.2
         done
     ) &
