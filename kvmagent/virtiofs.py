@@ -588,7 +588,8 @@ class VirtiofsService:
                     self._check_writable(source, mc, mc_entry, readonly)
                     await self._attach_new(dom, vm, tag, real, mc_entry, rel, persistent,
                                            readonly, cache, binary, mount_path)
-        return await self._mount_in_guest(dom, live, tag, mount_path, readonly)
+            # Under the VM's lock: a detach right behind must find the in-guest mount to undo.
+            return await self._mount_in_guest(dom, live, tag, mount_path, readonly)
 
     async def _mount_in_guest(self, dom: libvirt.virDomain, live: str, tag: str,
                               mount_path: str | None, readonly: bool,
@@ -707,13 +708,13 @@ class VirtiofsService:
                 await self.registry.put(vm, tag, rec)  # it is still in the persistent definition
                 raise
             log.info("VM %s: virtiofs tag %s exports the remounted %s again", vm, tag, real)
-        paths = list(dict.fromkeys(mounted_at + ([rec["mountPath"]] if rec.get("mountPath")
-                                                 else [])))
-        if not paths:
-            return GuestMount(False, False, "in-guest mount not attempted: it was not mounted "
-                                            "in the guest")
-        results = [await self._mount_in_guest(dom, live, tag, p, readonly, fresh=True)
-                   for p in paths]
+            paths = list(dict.fromkeys(mounted_at + ([rec["mountPath"]] if rec.get("mountPath")
+                                                     else [])))
+            if not paths:
+                return GuestMount(False, False, "in-guest mount not attempted: it was not "
+                                                "mounted in the guest")
+            results = [await self._mount_in_guest(dom, live, tag, p, readonly, fresh=True)
+                       for p in paths]
         failed = [f"{p}: {r.error}" for p, r in zip(paths, results, strict=True) if not r.success]
         return GuestMount(any(r.attempted for r in results), not failed,
                           "; ".join(failed) or None)
