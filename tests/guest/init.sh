@@ -66,8 +66,12 @@ powerbutton_watch() {
         [ -c "$node" ] || continue
         found=1
         (
+            # Open the device before READY is printed (see below): evdev delivers events only
+            # to readers that have it open, so a press sent right after READY would be lost.
+            exec 3<"$node" || exit 0
+            : >"/run/powerbutton-open.${ev##*/}"
             # one struct input_event (24 bytes on x86_64) = a press
-            if dd if="$node" of=/dev/null bs=24 count=1 2>/dev/null; then
+            if dd of=/dev/null bs=24 count=1 <&3 2>/dev/null; then
                 echo "KVMAGENT-GUEST-POWEROFF"
                 sync
                 poweroff -f
@@ -86,6 +90,12 @@ until powerbutton_watch; do
         warn "no ACPI power button input device; virDomainShutdown will not work"
         break
     fi
+    sleep 0.1
+done
+# Wait (bounded) until the watchers have the device open.
+tries=0
+while [ "$found" = 1 ] && ! ls /run/powerbutton-open.* >/dev/null 2>&1 && [ $tries -lt 50 ]; do
+    tries=$((tries + 1))
     sleep 0.1
 done
 
