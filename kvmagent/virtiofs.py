@@ -74,11 +74,12 @@ class Share:
     readonly: bool
     cache_mode: str
     alias: str | None = None
+    problem: str | None = None  # why it does not export its model center's current mount
 
     def wire(self) -> dict[str, Any]:
         return {"vmInstanceUuid": self.vm_uuid, "tag": self.tag, "sourcePath": self.source_path,
                 "readonly": self.readonly, "cacheMode": self.cache_mode,
-                "deviceAlias": self.alias}
+                "deviceAlias": self.alias, "problem": self.problem}
 
 
 # -- domain XML helpers --------------------------------------------------------------------
@@ -248,6 +249,14 @@ if libc.mount(None, export.encode(), None, flags, None) != 0:
 """
 
 
+@dataclass
+class ReexportRetry:
+    """A share whose re-export after a remount failed (or that was not live to re-export)."""
+    failures: int = 0
+    after: float = 0.0  # monotonic time before which it is not tried again
+    error: str | None = None  # what /virtiofs/status reports as its problem
+
+
 # -- guest agent ---------------------------------------------------------------------------
 GUEST_MOUNT_RETRY = 0.5  # seconds between in-guest mount attempts
 REEXPORT_PARALLEL = 4  # shares unplugged and plugged again at once, host-wide
@@ -390,8 +399,7 @@ class VirtiofsService:
         self._waiters: dict[tuple[str, str], asyncio.Future] = {}
         # re-exports after a remount, per (domain uuid key, tag)
         self._reexporting: set[tuple[str, str]] = set()
-        self._reexport_failures: dict[tuple[str, str], int] = {}
-        self._reexport_after: dict[tuple[str, str], float] = {}
+        self._reexport_retry: dict[tuple[str, str], ReexportRetry] = {}
         self._reexport_slots = asyncio.Semaphore(REEXPORT_PARALLEL)
 
     async def start(self) -> None:
@@ -624,7 +632,8 @@ class VirtiofsService:
                         (bind is not None and bind.dev == mc_entry.dev):
                     continue
                 key = (vm_key(vm), tag)
-                if key in self._reexporting or self._reexport_after.get(key, 0) > now:
+                retry = self._reexport_retry.get(key)
+                if key in self._reexporting or (retry is not None and retry.after > now):
                     continue
                 self._reexporting.add(key)
                 self.ctx.spawn(self._reexport(vm, tag, key), name=f"virtiofs re-export {vm} {tag}")
@@ -634,20 +643,20 @@ class VirtiofsService:
             async with self._reexport_slots:
                 mounted = await self.reshare(vm, tag)
         except Exception as exc:  # noqa: BLE001 - a background task must report, not die
-            failures = self._reexport_failures.get(key, 0) + 1
-            self._reexport_failures[key] = failures
-            delay = min(self.config.modelcenter_health_interval * 2 ** (failures - 1),
+            retry = self._reexport_retry.setdefault(key, ReexportRetry())
+            retry.failures += 1
+            delay = min(self.config.modelcenter_health_interval * 2 ** (retry.failures - 1),
                         REEXPORT_BACKOFF_CAP)
-            self._reexport_after[key] = time.monotonic() + delay
+            retry.after = time.monotonic() + delay
+            retry.error = f"not exported again after a remount: {exc}"
             log.error("VM %s: virtiofs tag %s was not exported again after its model center "
                       "was remounted: %s (next attempt in %.3gs)", vm, tag, exc, delay)
             return
         finally:
             self._reexporting.discard(key)
-        self._reexport_failures.pop(key, None)
-        self._reexport_after.pop(key, None)
+        self._reexport_retry.pop(key, None)
         if mounted is None:  # not a live share of a running VM (now): look again much later
-            self._reexport_after[key] = time.monotonic() + REEXPORT_BACKOFF_CAP
+            self._reexport_retry[key] = ReexportRetry(after=time.monotonic() + REEXPORT_BACKOFF_CAP)
             await self.cleanup_vm(vm)
         elif mounted.attempted and not mounted.success:
             log.error("VM %s: virtiofs tag %s exported again, but not mounted in the guest: "
@@ -863,6 +872,7 @@ class VirtiofsService:
             self._waiters.pop(key, None)
 
     async def _forget(self, vm: str, tag: str) -> None:
+        self._reexport_retry.pop((vm_key(vm), tag), None)
         rec = self.registry.load(vm).get(tag)
         if rec is not None:
             await self._unbind(rec.get("exportDir"))  # only ever a bind under our root
@@ -929,6 +939,9 @@ class VirtiofsService:
         if qemu_version and tuple(int(x) for x in qemu_version.split(".")) < MIN_QEMU:
             reasons.append(f"QEMU {qemu_version} is older than 5.0 (no vhost-user-fs)")
         shares = await list_shares(self.ctx, vm) if libvirt_version else []
+        for share in shares:
+            retry = self._reexport_retry.get((vm_key(share.vm_uuid), share.tag))
+            share.problem = retry.error if retry is not None else None
         return {"supported": not reasons, "reason": "; ".join(reasons) or None,
                 "libvirtVersion": libvirt_version, "qemuVersion": qemu_version,
                 "virtiofsdPath": str(self.config.virtiofsd_binary),

@@ -69,6 +69,9 @@ class ShareTO(WireModel):
     readonly: bool = True
     cache_mode: str = "auto"
     device_alias: str | None = None
+    problem: str | None = Field(None, description="extension: why the share does not export "
+                                "its model center's current mount (a failed re-export after a "
+                                "remount); None when it does")
 
 
 class StatusRsp(AgentResponse):

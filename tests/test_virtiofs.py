@@ -38,6 +38,14 @@ def virtiofsd_for(export: str) -> list[psutil.Process]:
     return found
 
 
+def stable_xml(dom: libvirt.virDomain, flags: int = 0) -> str:
+    """The domain XML without what changes by itself (the guest agent channel's state)."""
+    root = ET.fromstring(dom.XMLDesc(flags))
+    for target in root.findall("./devices/channel/target"):
+        target.attrib.pop("state", None)
+    return ET.tostring(root, encoding="unicode")
+
+
 async def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -223,7 +231,7 @@ async def test_juicefs_model_is_shared_live_read_in_the_guest_and_detached(
     assert status["supported"] is True and status["libvirtVersion"] and status["virtiofsdFound"]
     assert status["shares"] == [{"vmInstanceUuid": vm.uuid, "tag": "llama",
                                  "sourcePath": str(model), "readonly": True, "cacheMode": "auto",
-                                 "deviceAlias": live[0].alias}]
+                                 "deviceAlias": live[0].alias, "problem": None}]
 
     # Same tag and source again: a no-op. Same tag, other source: refused.
     assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"] is True
@@ -336,6 +344,11 @@ async def test_dead_juicefs_is_remounted_and_exported_again_into_the_guest(
     await wait_for(lambda: "virtiofs tag w was not exported again" in caplog.text, 30,
                    "the refused re-export of w")
     assert f"its source {point}/w/sub now resolves to {point}/m" in caplog.text
+    status = await agent.call("/virtiofs/status", {"vmInstanceUuid": vm.uuid})
+    problems = {s["tag"]: s["problem"] for s in status["shares"]}
+    assert problems["m"] is None, problems
+    assert problems["w"].startswith("not exported again after a remount: its source ") and \
+        "a symbolic link was put in its path" in problems["w"], problems
     w_export = next(s for s in shares_in_xml(dom.XMLDesc(0)) if s.tag == "w").source_dir
     assert mounttable.mount_at(w_export).root == "/w/old", \
         "w still exports the directory it did (renamed), not the symlink's target"
@@ -363,7 +376,7 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
     vm = await boot_vm(agent, mn, lv, guest_image, workdir, memory_backing="memfd-shared",
                        guest_agent=False)
     dom = lv[0].lookupByUUIDString(vm.uuid)
-    before = (dom.XMLDesc(0), dom.XMLDesc(INACTIVE))
+    before = (stable_xml(dom), stable_xml(dom, INACTIVE))
     good = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(mc1 / "m"),
             "mountPath": "/models/m"}
 
@@ -415,7 +428,7 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
         assert status == 200 and reply["success"] is False, reply
         assert "symbolic link" in reply["error"], reply
     del svc._resolve_source
-    assert (dom.XMLDesc(0), dom.XMLDesc(INACTIVE)) == before, "nothing changed"
+    assert (stable_xml(dom), stable_xml(dom, INACTIVE)) == before, "nothing changed"
     assert agent.ctx.state.names("virtiofs") == []
     ro_root = str(agent.config.state_dir / "virtiofs-ro")
     assert not [e for e in mounttable.read_mounts() if e.mount_point.startswith(ro_root)]
@@ -445,12 +458,12 @@ async def test_vm_without_shared_memory_or_not_running_is_refused(
     source.mkdir(parents=True)
     vm = await boot_vm(agent, mn, lv, guest_image, workdir)  # default memory backing
     dom = lv[0].lookupByUUIDString(vm.uuid)
-    before = dom.XMLDesc(0)
+    before = stable_xml(dom)
     body = {"vmInstanceUuid": vm.uuid, "tag": "m", "sourcePath": str(source)}
     reply = await agent.call_async(mn, "/virtiofs/attach", body)
     assert reply == {"success": False, "error": f"VM {vm.uuid} has no shared memory backing "
                      f"(start it with memoryBacking memfd-shared or hugepages)"}
-    assert dom.XMLDesc(0) == before
+    assert stable_xml(dom) == before
 
     assert (await agent.call_async(mn, "/vm/stop", {"uuid": vm.uuid, "type": "force"}))["success"]
     reply = await agent.call_async(mn, "/virtiofs/attach", body)
