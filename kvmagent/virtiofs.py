@@ -188,9 +188,11 @@ async def list_shares(ctx: AgentContext, vm: str | None = None) -> list[Share]:
         raise AgentError(f"libvirt: {libvirt_message(exc)}") from None
     registry = ShareRegistry(ctx).all()
     shares = []
+    seen = set()
     for name, uuid, xml in domains:
         records = registry.get(vm_key(uuid), {})
         for fs in shares_in_xml(xml):
+            seen.add((vm_key(uuid), fs.tag))
             rec = records.get(fs.tag)
             if rec and rec.get("exportDir") == fs.source_dir:
                 shares.append(Share(rec.get("vmInstanceUuid") or name, fs.tag, rec["sourcePath"],
@@ -199,6 +201,17 @@ async def list_shares(ctx: AgentContext, vm: str | None = None) -> list[Share]:
             else:
                 shares.append(Share(name, fs.tag, fs.source_dir, fs.source_dir, fs.readonly,
                                     fs.cache, fs.alias))
+    # A share being exported again after a remount is unplugged for a moment: still a share
+    # (an umount must not slip into that gap).
+    service = ctx.services.get("virtiofs")
+    for key in sorted(service.reexporting() if service is not None else ()):
+        rec = registry.get(key[0], {}).get(key[1])
+        if key in seen or rec is None or (vm is not None and vm_key(vm) != key[0]):
+            continue
+        shares.append(Share(rec.get("vmInstanceUuid") or key[0], key[1], rec["sourcePath"],
+                            rec.get("exportDir") or "", bool(rec.get("readonly")),
+                            rec.get("cacheMode") or "auto", None,
+                            "being exported again after a remount"))
     return shares
 
 
@@ -638,6 +651,10 @@ class VirtiofsService:
                 self._reexporting.add(key)
                 self.ctx.spawn(self._reexport(vm, tag, key), name=f"virtiofs re-export {vm} {tag}")
 
+    def reexporting(self) -> set[tuple[str, str]]:
+        """(domain uuid key, tag) of the shares being exported again right now."""
+        return set(self._reexporting)
+
     async def _reexport(self, vm: str, tag: str, key: tuple[str, str]) -> None:
         try:
             async with self._reexport_slots:
@@ -941,7 +958,8 @@ class VirtiofsService:
         shares = await list_shares(self.ctx, vm) if libvirt_version else []
         for share in shares:
             retry = self._reexport_retry.get((vm_key(share.vm_uuid), share.tag))
-            share.problem = retry.error if retry is not None else None
+            if retry is not None and retry.error:
+                share.problem = retry.error
         return {"supported": not reasons, "reason": "; ".join(reasons) or None,
                 "libvirtVersion": libvirt_version, "qemuVersion": qemu_version,
                 "virtiofsdPath": str(self.config.virtiofsd_binary),

@@ -450,6 +450,34 @@ async def test_bad_attach_requests_fail_clearly_and_change_nothing(
 
 
 @pytest.mark.libvirt
+async def test_umount_is_refused_while_a_share_is_unplugged_for_its_re_export(
+        vfs_agent, mn, tmp_path):
+    """Between the unplug and the plug of a re-export the share is in no domain's XML; it
+    still counts as a share, so a plain umount cannot pull the mount from under it."""
+    agent = vfs_agent
+    local = tmp_path / "local-models"
+    (local / "m").mkdir(parents=True)
+    mc = uid()
+    reply = await agent.call_async(mn, "/modelcenter/mount", {"modelCenterUuid": mc,
+                                                               "storageUrl": f"file://{local}"})
+    source = str(Path(reply["mountPoint"]) / "m")
+    vfs = agent.ctx.services["virtiofs"]
+    vm = uid()
+    await vfs.registry.put(vm, "m", {"vmInstanceUuid": vm, "sourcePath": source,
+                                     "exportDir": str(vfs.bind_path(vm, "m")), "readonly": True,
+                                     "cacheMode": "auto", "mountPath": None})
+    vfs._reexporting.add((vm, "m"))  # what reexport_stale marks while reshare() runs
+    refused = await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc})
+    assert refused["success"] is False and f"VM {vm} tag m" in refused["error"], refused
+    status = await agent.call("/virtiofs/status", {"vmInstanceUuid": vm})
+    assert [(s["tag"], s["problem"]) for s in status["shares"]] == [
+        ("m", "being exported again after a remount")]
+    vfs._reexporting.clear()
+    assert (await agent.call("/virtiofs/status", {"vmInstanceUuid": vm}))["shares"] == []
+    assert (await agent.call_async(mn, "/modelcenter/umount", {"modelCenterUuid": mc}))["success"]
+
+
+@pytest.mark.libvirt
 @pytest.mark.guest
 async def test_vm_without_shared_memory_or_not_running_is_refused(
         vfs_agent, mn, lv, guest_image, workdir):  # noqa: F811
