@@ -119,10 +119,13 @@ class LibvirtManager:
         ``timeout`` bounds the whole call, opening the connection included: a caller with a short
         deadline (the fencer) must not queue behind a reconnect to a wedged libvirtd."""
         timeout = timeout or self.call_timeout
-        try:
-            conn = await asyncio.wait_for(self.connection(), timeout)
-        except TimeoutError:
-            raise AgentError(f"libvirt did not answer: opening {self.uri} took over {timeout:g}s") from None
+        conn = self._conn  # the common case: no task and timer just to hand it over
+        if conn is None:
+            try:
+                conn = await asyncio.wait_for(self.connection(), timeout)
+            except TimeoutError:
+                raise AgentError(f"libvirt did not answer: opening {self.uri} took over "
+                                 f"{timeout:g}s") from None
         try:
             return await self.runner.run(fn, conn, *args, timeout=timeout,
                                          pool="libvirt", what=what or getattr(fn, "__name__", None))
