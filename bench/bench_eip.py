@@ -16,11 +16,11 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient, TestServer
 from kvmagent.plugins.eip import EipTO, make_plugin
 
-from kvmagent.config import AgentConfig
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.server import create_app
 from kvmagent.eip import netlink, nft
 from kvmagent.eip.naming import Names
 from kvmagent.eip.spec import EipSpec
-from kvmagent.server import create_app
 from tests.eip_world import World
 
 COUNT = 50

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvmagent.config import AgentConfig
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.core.server import create_app
 from kvmagent.ha.fencer import FencerConfig, detection_bounds
-from kvmagent.plugin import discover_plugins
-from kvmagent.server import create_app
 from tests.juicefs_kit import MountedVolume
 from tests.mnstub import MNStub, make_mn_app
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import docker
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvmagent.config import AgentConfig
-from kvmagent.docker_engine import DEFAULT_URL
-from kvmagent.plugin import discover_plugins
-from kvmagent.server import create_app
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.core.server import create_app
+from kvmagent.host.docker_engine import DEFAULT_URL
 
 from .common import percentiles
 

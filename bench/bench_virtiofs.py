@@ -21,10 +21,10 @@ from pathlib import Path
 import libvirt
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvmagent.config import AgentConfig
-from kvmagent.plugin import discover_plugins
-from kvmagent.server import create_app
-from kvmagent.virtiofs import shares_in_xml
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.core.server import create_app
+from kvmagent.virtiofs.domain_xml import shares_in_xml
 from kvmagent.vm.config import VirtiofsShare
 from tests.guest.build import BOOT_MARKER, build_guest
 from tests.vmkit import Console, start_body

@@ -13,9 +13,9 @@ from pathlib import Path
 import libvirt
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvmagent.config import AgentConfig
-from kvmagent.plugin import discover_plugins
-from kvmagent.server import CTX, create_app
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.core.server import CTX, create_app
 from kvmagent.vm.service import read_ha_flag, write_ha_flag
 from tests.scale import TEST_URI, clear, populate
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from aiohttp import web
 
 from kvmagent.cli import serve
-from kvmagent.config import AgentConfig
-from kvmagent.logs import setup_logging
-from kvmagent.models import AgentRequest, AgentResponse
-from kvmagent.plugin import ASYNC, Plugin
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.logs import setup_logging
+from kvmagent.core.models import AgentRequest, AgentResponse
+from kvmagent.core.plugin import ASYNC, Plugin
 
 
 class BlockCmd(AgentRequest):
@@ -55,7 +55,7 @@ def main() -> None:
     config = AgentConfig(listen=listen, state_dir=Path(state_dir), domain_type="qemu",
                          models_root=Path(state_dir) / "models")
     if "--blocker" in flags:
-        import kvmagent.server as server
+        import kvmagent.core.server as server
 
         original = server.discover_plugins
         server.discover_plugins = lambda names=None: original(names) + [blocker_plugin()]

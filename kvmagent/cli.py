@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .logs import setup_logging
+    from .core.config import load_config
+    from .core.logs import setup_logging
 
     try:
         config = load_config(args.config, {
@@ -66,8 +66,8 @@ def serve_main(args: argparse.Namespace) -> int:
 async def serve(config) -> None:
     from aiohttp import web
 
-    from . import sdnotify
-    from .server import create_app, ssl_context
+    from .core import sdnotify
+    from .core.server import create_app, ssl_context
 
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -38,8 +38,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from kvmagent.context import AgentContext
-from kvmagent.ha.fencer import HOOK_VMS_KILLED
+from kvmagent.core.context import AgentContext
+from kvmagent.core.models import AgentRequest, AgentResponse, WireModel
+from kvmagent.core.plugin import ASYNC, Plugin
 from kvmagent.eip.manager import EipManager, EipSettings
 from kvmagent.eip.naming import DEFAULT_PREFIX
 from kvmagent.eip.spec import (
@@ -51,8 +52,7 @@ from kvmagent.eip.spec import (
     check_netmask,
     check_uuid,
 )
-from kvmagent.models import AgentRequest, AgentResponse, WireModel
-from kvmagent.plugin import ASYNC, Plugin
+from kvmagent.ha.fencer import HOOK_VMS_KILLED
 
 log = logging.getLogger(__name__)
 

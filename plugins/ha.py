@@ -5,15 +5,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kvmagent.context import AgentContext
-from kvmagent.errors import AgentError
+from kvmagent.core.context import AgentContext
+from kvmagent.core.errors import AgentError
+from kvmagent.core.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
+from kvmagent.core.validate import AbsPath, IfName
 from kvmagent.ha.fencer import FencerConfig, FencerManager, detection_bounds
 from kvmagent.ha.netgroup import Group, NetworkGroupMonitor
 from kvmagent.ha.peer import check_peer
 from kvmagent.ha.probe import StorageProbe
-from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
-from kvmagent.plugin import ASYNC, SYNC, Plugin
-from kvmagent.validate import AbsPath, IfName
 
 plugin = Plugin("ha", "storage self-fencing and network-group monitoring")
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 import logging
 
 import psutil
+from pydantic import Field
 
 from kvmagent import __version__
-from kvmagent import hostinfo
-from kvmagent.context import AgentContext
-from kvmagent.errors import AgentError
-from kvmagent.hugepages import HugePages
-from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest
-from kvmagent.plugin import ASYNC, SYNC, Plugin
-from pydantic import Field
+from kvmagent.core.context import AgentContext
+from kvmagent.core.errors import AgentError
+from kvmagent.core.models import AgentRequest, AgentResponse, EmptyRequest
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
+from kvmagent.host import facts
+from kvmagent.host.hugepages import HugePages
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,15 @@ async def echo(ctx: AgentContext, req: EmptyRequest) -> AgentResponse:
 async def fact(ctx: AgentContext, req: EmptyRequest) -> FactRsp:
     """Hardware, OS and virtualisation facts."""
     config = ctx.config
-    model, hvm = hostinfo.cpuinfo(config.procfs_root)
-    distro, distro_version = hostinfo.os_release()
-    total, _ = hostinfo.memory()
+    model, hvm = facts.cpuinfo(config.procfs_root)
+    distro, distro_version = facts.os_release()
+    total, _ = facts.memory()
     libvirt_version, qemu_version = await libvirt_versions(ctx)
     return FactRsp(
         cpu_model_name=model, cpu_num=psutil.cpu_count(logical=True) or 0,
-        cpu_sockets=hostinfo.cpu_sockets(config.sysfs_root), cpu_speed=hostinfo.cpu_speed_mhz(),
+        cpu_sockets=facts.cpu_sockets(config.sysfs_root), cpu_speed=facts.cpu_speed_mhz(),
         total_memory=total, os_distribution=distro, os_version=distro_version,
-        kernel_version=hostinfo.kernel_version(), libvirt_version=libvirt_version,
+        kernel_version=facts.kernel_version(), libvirt_version=libvirt_version,
         qemu_version=qemu_version, hvm_cpu_flag=hvm,
         hugepages=HugePages(config.sysfs_root, config.procfs_root).summary(),
         libvirt_available=libvirt_version is not None,
@@ -123,6 +123,6 @@ async def fact(ctx: AgentContext, req: EmptyRequest) -> FactRsp:
 @plugin.command("/host/capacity", mode=SYNC)
 async def capacity(ctx: AgentContext, req: EmptyRequest) -> CapacityRsp:
     """CPU and memory capacity (bytes)."""
-    total, used = hostinfo.memory()
+    total, used = facts.memory()
     return CapacityRsp(cpu_num=psutil.cpu_count(logical=True) or 0,
-                       cpu_speed=hostinfo.cpu_speed_mhz(), total_memory=total, used_memory=used)
+                       cpu_speed=facts.cpu_speed_mhz(), total_memory=total, used_memory=used)

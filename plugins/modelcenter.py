@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from kvmagent.context import AgentContext
-from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest, WireModel, secret
+from kvmagent.core.context import AgentContext
+from kvmagent.core.models import AgentRequest, AgentResponse, EmptyRequest, WireModel, secret
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
+from kvmagent.core.validate import Uuid
 from kvmagent.modelcenter import ModelCenterService, MountOptions, MountWatcher, StorageUrlError
 from kvmagent.modelcenter.service import SERVICE
 from kvmagent.modelcenter.urls import parse_storage_url
-from kvmagent.plugin import ASYNC, SYNC, Plugin
-from kvmagent.validate import Uuid
 
 plugin = Plugin("modelcenter", "model storage mounted on the host (JuiceFS/ZDFS, NFS, local)")
 

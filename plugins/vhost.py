@@ -15,20 +15,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
-from kvmagent.context import AgentContext
-from kvmagent.dispatch import BadRequest
-from kvmagent.docker_engine import DockerEngine, DockerUnreachable, socket_problem
-from kvmagent.errors import AgentError
-from kvmagent.hugepages import (
+from kvmagent.core.context import AgentContext
+from kvmagent.core.dispatch import BadRequest
+from kvmagent.core.errors import AgentError
+from kvmagent.core.models import AgentRequest, AgentResponse
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
+from kvmagent.core.validate import AbsPath
+from kvmagent.host.docker_engine import DockerEngine, DockerUnreachable, socket_problem
+from kvmagent.host.hugepages import (
     MAX_COUNT,
     HugepageInputError,
     HugePages,
     PoolState,
     ensure_hugetlbfs,
 )
-from kvmagent.models import AgentRequest, AgentResponse
-from kvmagent.plugin import ASYNC, SYNC, Plugin
-from kvmagent.validate import AbsPath
 
 log = logging.getLogger(__name__)
 

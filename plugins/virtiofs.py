@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from kvmagent.context import AgentContext
-from kvmagent.models import AgentRequest, AgentResponse, WireModel
-from kvmagent.plugin import ASYNC, SYNC, Plugin
-from kvmagent.validate import AbsPath, Uuid
+from kvmagent.core.context import AgentContext
+from kvmagent.core.models import AgentRequest, AgentResponse, WireModel
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
+from kvmagent.core.validate import AbsPath, Uuid
 from kvmagent.virtiofs import SERVICE, VirtiofsService
 
 plugin = Plugin("virtiofs", "live virtiofs shares of model directories into VMs")

@@ -5,10 +5,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from kvmagent.context import AgentContext
-from kvmagent.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
-from kvmagent.plugin import ASYNC, SYNC, Plugin
-from kvmagent.validate import AbsPath, IfName, Mac, Uuid
+from kvmagent.core.context import AgentContext
+from kvmagent.core.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
+from kvmagent.core.validate import AbsPath, IfName, Mac, Uuid
 from kvmagent.vm.config import BridgeNic, DirectKernel, Disk, Domain
 from kvmagent.vm.service import VmService
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from kvmagent.config import AgentConfig
-from kvmagent.plugin import discover_plugins
-from kvmagent.server import CTX, create_app
+from kvmagent.core.config import AgentConfig
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.core.server import CTX, create_app
 
 from .mnstub import MNStub, make_mn_app
 from .vmkit import guest_image, lv, workdir  # noqa: F401  (fixtures shared by the VM-based tests)

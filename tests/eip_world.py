@@ -19,8 +19,8 @@ ACCEPT`` for its two bridges and removes the rules in :meth:`destroy`.
 from __future__ import annotations
 
 import ipaddress
-import re
 import json
+import re
 import secrets
 import socket
 import string

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kvmagent.modelcenter import mounttable
+from kvmagent.core import mounttable
 
 JUICEFS = str(Path(sys.executable).with_name("juicefs"))
 QUIET = ["--no-agent", "--no-color", "--quiet"]

@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from kvmagent.libvirt_conn import ensure_event_impl
+from kvmagent.core.libvirt_conn import ensure_event_impl
 
 TEST_URI = "test:///default"
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kvmagent.plugin import discover_plugins
-from kvmagent.server import create_app, ssl_context
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.core.server import create_app, ssl_context
 
 from .conftest import agent_config
 

@@ -8,14 +8,13 @@ import secrets
 import subprocess
 
 import pytest
-
-from kvmagent.ha.fencer import HOOK_VMS_KILLED
 from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
 from kvmagent.eip.naming import Names, mac_for
 from kvmagent.eip.spec import EipSpec
+from kvmagent.ha.fencer import HOOK_VMS_KILLED
 
 from .eip_world import (
     CLIENT_IP,
@@ -567,7 +566,7 @@ async def test_timed_out_step_is_stopped_before_the_lock_is_released(eip_agent, 
     import threading
     import time as _time
 
-    from kvmagent.errors import BlockingTimeout
+    from kvmagent.core.errors import BlockingTimeout
     agent = await eip_agent(netlink_timeout=0.2, abort_grace=5)
     stopped = threading.Event()
 

@@ -9,10 +9,10 @@ import uuid
 import pytest
 from pydantic import Field
 
-from kvmagent.errors import AgentError
-from kvmagent.logs import mask_text
-from kvmagent.models import AgentRequest, AgentResponse, secret
-from kvmagent.plugin import ASYNC, SYNC, Plugin
+from kvmagent.core.errors import AgentError
+from kvmagent.core.logs import mask_text
+from kvmagent.core.models import AgentRequest, AgentResponse, secret
+from kvmagent.core.plugin import ASYNC, SYNC, Plugin
 
 from .conftest import AgentClient
 
@@ -124,6 +124,27 @@ async def test_async_acknowledges_then_calls_back_exactly_once(tagent, mn, runs)
     assert body == {"success": True, "error": None, "vmInstanceUuid": "vm1", "count": 2}
     await tagent.ctx.outbox.drain(5)
     assert mn.callbacks_for(taskuuid) == [body]
+
+
+async def test_the_mn_decides_a_sync_command_called_with_a_callback_answers_by_callback(
+        tagent, mn, runs, caplog):
+    """ZStack calls /host/fact, /host/capacity, /vm/vmsync async although they read fine sync:
+    whatever mode a command is declared with, taskuuid + callbackurl means a callback (the
+    MN ignores the HTTP body). kvmHostAddons, which the MN appends, is ignored; the
+    X-Resource-UUID header is logged with the task."""
+    taskuuid = uuid.uuid4().hex
+    caplog.set_level(logging.INFO, logger="kvmagent.command")
+    status, ack = await tagent.post(
+        "/test/sync", {"vmInstanceUuid": "vm2", "kvmHostAddons": {}},
+        headers={"taskuuid": taskuuid, "callbackurl": mn.callback_url,
+                 "X-Resource-UUID": "4f0c1b6e2a9d4c3f8e7b6a5d4c3b2a19"})
+    assert (status, ack) == (200, {"success": True, "error": None})
+    body = await mn.wait_callback(taskuuid)
+    assert body == {"success": True, "error": None, "vmInstanceUuid": "vm2", "count": 1}
+    assert runs == ["vm2"]
+    line = next(r.getMessage() for r in caplog.records if taskuuid in r.getMessage())
+    assert line.startswith("async /test/sync ")
+    assert "resource=4f0c1b6e2a9d4c3f8e7b6a5d4c3b2a19" in line
 
 
 async def test_async_invalid_body_still_gets_one_failure_callback(tagent, mn, runs):
@@ -249,7 +270,7 @@ async def test_restart_sends_failure_for_interrupted_task_and_pending_callbacks(
 
 async def test_secrets_never_reach_the_log(tagent, caplog):
     caplog.set_level(logging.DEBUG)
-    from kvmagent.logs import MaskingFilter
+    from kvmagent.core.logs import MaskingFilter
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(MaskingFilter())

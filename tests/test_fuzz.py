@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmagent.models import AgentResponse
-from kvmagent.plugin import Plugin, discover_plugins
-from kvmagent.server import create_app
+from kvmagent.core.models import AgentResponse
+from kvmagent.core.plugin import Plugin, discover_plugins
+from kvmagent.core.server import create_app
 
 from .conftest import agent_config
 

@@ -19,9 +19,8 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 
-import pytest
-
 import libvirt  # noqa: E402  (a missing binding must fail, not skip)
+import pytest
 
 try:
     from tests.guest.build import BOOT_MARKER, GuestImage, build_guest

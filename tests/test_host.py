@@ -10,7 +10,7 @@ import libvirt
 import psutil
 import pytest
 
-from kvmagent.libvirt_conn import version_string
+from kvmagent.core.libvirt_conn import version_string
 
 pytestmark = pytest.mark.libvirt
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kvmagent.blocking import BlockingRunner, run_process
-from kvmagent.errors import AgentError
-from kvmagent.hugepages import (
+from kvmagent.core.blocking import BlockingRunner, run_process
+from kvmagent.core.errors import AgentError
+from kvmagent.host.hugepages import (
     HugepageError,
     HugepageInputError,
     HugePages,

@@ -15,8 +15,9 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-from kvmagent.blocking import BlockingRunner
-from kvmagent.modelcenter import MountOptions, StorageUrlError, mounttable, parse_storage_url
+from kvmagent.core import mounttable
+from kvmagent.core.blocking import BlockingRunner
+from kvmagent.modelcenter import MountOptions, StorageUrlError, parse_storage_url
 from kvmagent.modelcenter.backends import FileBackend, JuicefsBackend, NfsBackend, find_mount_nfs
 from kvmagent.modelcenter.urls import juicefs_option_args, nfs_option_string
 
@@ -228,7 +229,7 @@ async def test_file_urls_only_from_the_configured_roots_and_never_proc_sys_dev(
 
 
 def _plugins():
-    from kvmagent.plugin import discover_plugins
+    from kvmagent.core.plugin import discover_plugins
 
     return discover_plugins(["host", "modelcenter", "virtiofs"])
 

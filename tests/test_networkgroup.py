@@ -7,7 +7,7 @@ import uuid as uuidlib
 
 import pytest
 
-from kvmagent.plugin import discover_plugins
+from kvmagent.core.plugin import discover_plugins
 
 from .scale import TEST_URI, clear, populate
 

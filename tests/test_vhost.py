@@ -25,9 +25,9 @@ import psutil
 import pytest
 import requests.exceptions
 
-from kvmagent.config import AgentConfig
-from kvmagent.docker_engine import DEFAULT_URL, plan_start
-from kvmagent.hugepages import HugePages, hugetlbfs_mounts
+from kvmagent.core.config import AgentConfig
+from kvmagent.host.docker_engine import DEFAULT_URL, plan_start
+from kvmagent.host.hugepages import HugePages, hugetlbfs_mounts
 
 from .test_hugepages import pools_restored, real_pool, real_totals
 
@@ -341,7 +341,7 @@ async def test_prepare_installs_docker_when_allowed(make_agent, short_dir, docke
     """The install branch, with a stand-in apt-get (the real one would change the machine):
     the agent runs ``apt-get install -y docker.io``, finds dockerd afterwards, and since a
     dockerd already runs it starts no second one and reports the unreachable URL."""
-    import kvmagent.docker_engine as engine_mod
+    import kvmagent.host.docker_engine as engine_mod
 
     bin_dir = short_dir / "bin"
     bin_dir.mkdir()
@@ -427,8 +427,8 @@ async def test_health_engine_unreachable(make_agent, short_dir, silent_socket):
 async def test_engine_start_checks_run_off_the_loop(short_dir, monkeypatch):
     """The PATH lookup, the /proc walk for a running dockerd and the systemd check of
     ensure_running run in the docker pool, never on the event loop's thread."""
-    from kvmagent.blocking import BlockingRunner
-    from kvmagent.docker_engine import DockerEngine
+    from kvmagent.core.blocking import BlockingRunner
+    from kvmagent.host.docker_engine import DockerEngine
 
     threads: dict[str, str] = {}
 

@@ -13,10 +13,12 @@ import libvirt
 import psutil
 import pytest
 
-from kvmagent.modelcenter import mounttable
-from kvmagent.plugin import discover_plugins
-from kvmagent.virtiofs import GuestAgentError, guest_mount, guest_umount, shares_in_xml
+from kvmagent.core import mounttable
+from kvmagent.core.plugin import discover_plugins
+from kvmagent.virtiofs.domain_xml import shares_in_xml
+from kvmagent.virtiofs.guest import guest_mount, guest_umount
 from kvmagent.vm.config import VirtiofsShare
+from kvmagent.vm.guest_agent import GuestAgentError
 
 from .guest.domain import tiny_domain_xml
 from .juicefs_kit import daemons, mount_cleanup, signal_all, volume  # noqa: F401

@@ -19,7 +19,7 @@ def domains():
 
 @pytest.fixture
 async def scale_agent(make_agent):
-    from kvmagent.plugin import discover_plugins
+    from kvmagent.core.plugin import discover_plugins
 
     return await make_agent(plugins=[p for p in discover_plugins() if p.name in ("host", "vm")],
                             libvirt_uri=TEST_URI)

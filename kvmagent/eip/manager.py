@@ -50,8 +50,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentError, BlockingTimeout
-from ..lazy import lazy_import
+from ..core.errors import AgentError, BlockingTimeout
+from ..core.lazy import lazy_import
 from . import nft
 from .naming import DEFAULT_PREFIX, Names, Patterns, check_prefix
 from .spec import EipSpec
@@ -62,7 +62,7 @@ else:
     netlink = lazy_import(f"{__package__}.netlink")  # pyroute2: loaded on first EIP work
 
 if TYPE_CHECKING:
-    from ..context import AgentContext
+    from ..core.context import AgentContext
 
 log = logging.getLogger(__name__)
 

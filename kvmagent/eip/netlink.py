@@ -33,7 +33,7 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import AgentError
+from ..core.errors import AgentError
 from .naming import Names, Patterns, mac_for
 from .spec import EipSpec
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..blocking import run_process
-from ..errors import AgentError
+from ..core.blocking import run_process
+from ..core.errors import AgentError
 from .naming import Names
 from .spec import EipSpec
 

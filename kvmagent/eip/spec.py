@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import validate
+from ..core import validate
 
 
 def _pattern(wire_type: Any) -> re.Pattern[str]:

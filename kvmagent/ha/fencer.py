@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from ..context import AgentContext
+from ..core.context import AgentContext
 from .inventory import VmInventory
 from .killer import kill_vm
 from .probe import StorageProbe

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import libvirt
 
-from ..context import AgentContext
-from ..errors import AgentError
+from ..core.context import AgentContext
+from ..core.errors import AgentError
 from ..vm.config import HA_NAMESPACE
 
 log = logging.getLogger(__name__)

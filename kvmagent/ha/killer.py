@@ -14,8 +14,8 @@ from pathlib import Path
 import libvirt
 import psutil
 
-from ..context import AgentContext
-from ..errors import AgentError
+from ..core.context import AgentContext
+from ..core.errors import AgentError
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
 
-from ..context import AgentContext
-from ..errors import AgentError
-from ..lazy import lazy_import
+from ..core.context import AgentContext
+from ..core.errors import AgentError
+from ..core.lazy import lazy_import
 
 pyroute2 = lazy_import("pyroute2")  # loaded when the first network group is watched
 

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..blocking import kill_group, reap_later
+from ..core.blocking import kill_group, reap_later
 
 HEARTBEAT_DIR = "zs-heartbeat"
 

@@ -10,11 +10,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..blocking import BlockingRunner, run_process
-from ..config import AgentConfig
-from ..errors import AgentError, BlockingTimeout
-from ..logs import mask_text, read_tail
-from . import mounttable
+from ..core import mounttable
+from ..core.blocking import BlockingRunner, run_process
+from ..core.config import AgentConfig
+from ..core.errors import AgentError, BlockingTimeout
+from ..core.logs import mask_text, read_tail
 from .urls import MountOptions, StorageUrl, juicefs_option_args, nfs_option_string
 
 log = logging.getLogger(__name__)

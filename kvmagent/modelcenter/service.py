@@ -14,11 +14,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from ..context import AgentContext
-from ..errors import AgentError, ConflictError
-from . import mounttable
+from ..core import mounttable
+from ..core.context import AgentContext
+from ..core.errors import AgentError, ConflictError
 from .backends import Backend, backend_for
 from .urls import MountOptions, StorageUrl, parse_storage_url
 
@@ -86,6 +86,11 @@ class ModelCenterService:
         self.ctx = ctx
         self.config = ctx.config
         self.health: dict[str, Health] = {}
+        # Extension points the layers above register into (virtiofs does): who exports
+        # directories of a mount (async fn() -> shares with source_path and export_dir), and
+        # who must hear that a mount is healthy (fn(MountEntry), e.g. to export it again).
+        self.share_listers: list[Callable[[], Awaitable[list]]] = []
+        self.healthy_listeners: list[Callable[[mounttable.MountEntry], None]] = []
         self._repairing: set[str] = set()
         # The models root with symlinks resolved (set by start()): the mount table, and the
         # resolved source paths of virtiofs shares, name mounts by their real paths.
@@ -115,10 +120,10 @@ class ModelCenterService:
 
     def reexport_stale_shares(self, uuid: str) -> None:
         """``uuid`` is healthy: shares still bound to an older mount of it get the new one."""
-        vfs = self.ctx.services.get("virtiofs")
         entry = self.mounted(uuid)
-        if vfs is not None and entry is not None:
-            vfs.reexport_stale(entry)
+        if entry is not None:
+            for listener in self.healthy_listeners:
+                listener(entry)
 
     def lock(self, uuid: str):
         return self.ctx.locks.hold(LOCK, uuid)
@@ -361,11 +366,9 @@ class ModelCenterService:
             return True
 
     async def shares_using(self, uuid: str) -> list:
-        """Virtiofs shares of running VMs inside this model center (AgentError if unknown)."""
-        from ..virtiofs import list_shares
-
+        """Shares (virtiofs) of running VMs inside this model center (AgentError if unknown)."""
         mount_point = self.mount_point(uuid)
-        return [s for s in await list_shares(self.ctx)
+        return [s for lister in self.share_listers for s in await lister()
                 if _inside(s.source_path, mount_point) or _inside(s.export_dir, mount_point)]
 
     async def _remount_blocked(self, uuid: str, record: Record, backend: Backend) -> str | None:

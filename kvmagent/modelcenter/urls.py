@@ -30,7 +30,7 @@ from urllib.parse import unquote
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from ..logs import mask_text
+from ..core.logs import mask_text
 
 MAX_URL = 4096
 

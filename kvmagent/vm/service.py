@@ -20,19 +20,16 @@ from typing import Any, Callable, Iterable
 
 import libvirt
 
-from ..context import AgentContext
-from ..errors import AgentError, NotFoundError
-from ..validate import confine
+from ..core.context import AgentContext
+from ..core.errors import AgentError, NotFoundError
+from ..core.libvirt_conn import libvirt_message
+from ..core.validate import confine
 from . import states
 from .config import HA_NAMESPACE, HA_PREFIX, Domain, ha_metadata_xml, parse_ha_metadata
 
 log = logging.getLogger(__name__)
 
 REPORT_PATH = "/kvm/reportvmstate"
-
-
-def libvirt_message(exc: libvirt.libvirtError) -> str:
-    return " ".join((exc.get_error_message() or str(exc)).split())
 
 
 def _lookup(conn: libvirt.virConnect, uuid: str, by_name: bool = False) -> libvirt.virDomain | None:

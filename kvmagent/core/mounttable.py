@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from ..blocking import run_process
-from ..errors import BlockingTimeout
+from .blocking import run_process
+from .errors import BlockingTimeout
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,12 @@ async def resolve_path(path: str | Path, timeout: float) -> tuple[str, bool, boo
         result = await run_process([sys.executable, "-I", "-S", "-c", _RESOLVE, str(path)],
                                    timeout=timeout)
     except BlockingTimeout:
-        from ..errors import AgentError
+        from .errors import AgentError
 
         raise AgentError(f"{path}: resolving the path did not finish within {timeout:g}s "
                          f"(is the storage under it hung?)") from None
     if not result.ok:
-        from ..errors import AgentError
+        from .errors import AgentError
 
         raise AgentError(f"{path}: cannot resolve: {result.describe()}")
     real, exists, is_dir = json.loads(result.stdout)

@@ -46,7 +46,8 @@ class TaskRunner:
                             taskuuid, doc.get("path"))
             self.ctx.state.delete(name)
 
-    def accept(self, cmd: Command, raw: bytes, taskuuid: str, callbackurl: str) -> bool:
+    def accept(self, cmd: Command, raw: bytes, taskuuid: str, callbackurl: str,
+               resource: str | None = None) -> bool:
         """Start the task; False when that taskuuid is already running (not run twice)."""
         if taskuuid in self.running:
             log.info("%s task=%s already running; acknowledged, not run again", cmd.path, taskuuid)
@@ -55,14 +56,15 @@ class TaskRunner:
             "taskuuid": taskuuid, "path": cmd.path, "callbackurl": callbackurl,
             "accepted": time.time()})
         task = asyncio.get_running_loop().create_task(
-            self._run(cmd, raw, taskuuid, callbackurl), name=f"task {cmd.path} {taskuuid}")
+            self._run(cmd, raw, taskuuid, callbackurl, resource), name=f"task {cmd.path} {taskuuid}")
         self.running[taskuuid] = task
         self.ctx.metrics.tasks_in_flight.set(len(self.running))
         return True
 
-    async def _run(self, cmd: Command, raw: bytes, taskuuid: str, callbackurl: str) -> None:
+    async def _run(self, cmd: Command, raw: bytes, taskuuid: str, callbackurl: str,
+                   resource: str | None) -> None:
         try:
-            outcome = await execute(self.ctx, cmd, raw, taskuuid)
+            outcome = await execute(self.ctx, cmd, raw, taskuuid, resource, called="async")
             self.ctx.outbox.submit("callback", callbackurl, outcome.body, {"taskuuid": taskuuid})
             self.ctx.state.delete(f"{JOURNAL}/{taskuuid}")
         finally:

@@ -14,7 +14,7 @@ from .context import AgentContext
 from .dispatch import execute, failure
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import build_openapi
-from .plugin import ASYNC, Plugin, Registry, discover_plugins, normalize_path
+from .plugin import Plugin, Registry, discover_plugins, normalize_path
 from .tasks import TaskRunner, valid_taskuuid
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,17 @@ async def command_handler(request: web.Request) -> web.Response:
     taskuuid = request.headers.get("taskuuid")
     callbackurl = request.headers.get("callbackurl")
 
-    if cmd.mode is ASYNC and callbackurl:
+    # The MN decides how it calls a path, not us: with a callback URL the answer is a
+    # callback, whatever mode the command was declared with (the mode is our default for curl).
+    if callbackurl:
         if not taskuuid or not valid_taskuuid(taskuuid):
             return reply(failure("header 'taskuuid' is required with 'callbackurl' and must be "
                                  "1-128 characters of [A-Za-z0-9._-]").body, 400)
-        tasks.accept(cmd, raw, taskuuid, callbackurl)
+        tasks.accept(cmd, raw, taskuuid, callbackurl,
+                     resource=request.headers.get("X-Resource-UUID"))
         return reply({"success": True, "error": None})
 
-    outcome = await execute(ctx, cmd, raw, taskuuid)
+    outcome = await execute(ctx, cmd, raw, taskuuid, request.headers.get("X-Resource-UUID"))
     return reply(outcome.body, outcome.status)
 
 

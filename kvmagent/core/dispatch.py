@@ -58,7 +58,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | None) -> Outcome:
+async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | None,
+                  resource: str | None = None, *, called: str = "sync") -> Outcome:
     """Run ``cmd`` on ``raw``; never raises (except cancellation), always one envelope."""
     started = time.monotonic()
     try:
@@ -80,21 +81,30 @@ async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | N
         outcome = failure(mask_text(f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"))
     elapsed = time.monotonic() - started
     ctx.metrics.command_done(cmd.path, outcome.label, elapsed)
-    _log_line(cmd, taskuuid, elapsed, outcome, raw)
+    _log_line(called, cmd, taskuuid, resource, elapsed, outcome, raw)
     return outcome
+
+
+def _printable(header: str | None) -> str:
+    """A header value fit for one log line (the MN sends a uuid; anyone else anything)."""
+    if not header:
+        return "-"
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in header[:64])
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _log_line(cmd: Command, taskuuid: str | None, elapsed: float, outcome: Outcome, raw: bytes) -> None:
+def _log_line(called: str, cmd: Command, taskuuid: str | None, resource: str | None, elapsed: float,
+              outcome: Outcome, raw: bytes) -> None:
     level = logging.INFO if outcome.label == "ok" else logging.WARNING
     if not log.isEnabledFor(level):
         return
     extra = "" if outcome.label == "ok" else f" error={outcome.body.get('error')!r}"
-    log.log(level, "%s %s task=%s %s %.1fms%s", cmd.mode.value, cmd.path, taskuuid or "-",
-            outcome.label, elapsed * 1000, extra)
+    # X-Resource-UUID: the host or resource the MN sent this for (a name to grep at 3 a.m.)
+    log.log(level, "%s %s task=%s resource=%s %s %.1fms%s", called,
+            cmd.path, taskuuid or "-", _printable(resource), outcome.label, elapsed * 1000, extra)
     if log.isEnabledFor(logging.DEBUG):
         try:
             body = mask_data(json.loads(raw or b"{}"), secret_field_names(cmd.request))

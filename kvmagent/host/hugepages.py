@@ -33,19 +33,19 @@ a thread lock, so a caller whose wait timed out cannot overlap a change still ru
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import threading
 from collections.abc import Callable
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
-from .blocking import BlockingRunner, run_process
-from .errors import AgentError
+from ..core.blocking import BlockingRunner, run_process
+from ..core.errors import AgentError
 
 log = logging.getLogger(__name__)
 

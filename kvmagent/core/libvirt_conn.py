@@ -62,6 +62,11 @@ def version_string(number: int) -> str:
 EventCallback = Callable[[str, str, tuple], None]  # (domain uuid, domain name, event args)
 
 
+
+def libvirt_message(exc: libvirt.libvirtError) -> str:
+    """libvirt's error message on one line (for a reply an operator can read)."""
+    return " ".join((exc.get_error_message() or str(exc)).split())
+
 class LibvirtManager:
     def __init__(self, uri: str, runner: BlockingRunner, metrics: Metrics, *,
                  call_timeout: float = 60.0, reconnect_interval: float = 5.0):

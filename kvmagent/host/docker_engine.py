@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 
-from .blocking import BlockingRunner, run_process
-from .config import AgentConfig
-from .errors import AgentError, BlockingTimeout
-from .lazy import lazy_import
-from .logs import read_tail
+from ..core.blocking import BlockingRunner, run_process
+from ..core.config import AgentConfig
+from ..core.errors import AgentError, BlockingTimeout
+from ..core.lazy import lazy_import
+from ..core.logs import read_tail
 
 if TYPE_CHECKING:
     import docker

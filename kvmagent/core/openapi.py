@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from . import __version__
+from .. import __version__
 from .plugin import ASYNC, Registry
 
 
