@@ -114,6 +114,7 @@ class FencerTO(WireModel):
     last_error: str | None = None
     fenced_vm_uuids: list[str] = Field(default_factory=list)
     fenced_at: float | None = Field(None, description="unix time of the last fence")
+    fence_error: str | None = Field(None, description="what went wrong in the last fence")
     detection_seconds: tuple[float, float] = Field(description="best and worst case")
     mounted_by_zstack: bool = Field(False, alias="mountedByZStack")
     remount: str | None = Field(None, description="outcome of the last umount/remount step")
@@ -311,6 +312,7 @@ async def fencer_state(ctx: AgentContext, cmd: EmptyRequest) -> SelfFencerStateR
                 consecutive_failures=st.consecutive_failures,
                 last_heartbeat_at=st.last_heartbeat_at, last_error=st.last_error,
                 fenced_vm_uuids=st.fenced_vm_uuids, fenced_at=st.fenced_at,
+                fence_error=st.fence_error,
                 remount=fencer.remounter.last))))
     nic = manager.nic_fencer
     nic_to = NicFencerTO(running=nic.running, interval=nic.cfg and nic.cfg.interval,

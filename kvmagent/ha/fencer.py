@@ -92,6 +92,7 @@ class FencerStatus:
     last_error: str | None = None
     fenced_vm_uuids: list[str] = field(default_factory=list)
     fenced_at: float | None = None
+    fence_error: str | None = None  # what went wrong in the last fence
 
 
 class Fencer:
@@ -216,8 +217,7 @@ class Fencer:
                                          "reason": "; ".join([reason, *problems])})
         elif problems:
             log.error("selffencer %s: fenced, nothing killed: %s", cfg.ps_uuid, "; ".join(problems))
-        if problems:
-            self.status.last_error = "; ".join(problems)
+        self.status.fence_error = "; ".join(problems) or None
         if cfg.mounted_by_zstack and not self._stopping:
             spared = sorted({vm.uuid for vm in on_storage} - set(killed))
             self.remounter.after_fence(spared)
