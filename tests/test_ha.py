@@ -12,9 +12,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from kvmagent.ha.fencer import FencerConfig, detection_bounds
+from kvmagent.ha.fencer import FencerConfig, detection_bounds, storage_kill_set
+from kvmagent.ha.inventory import VmRecord
 from kvmagent.ha.killer import exiting, qemu_process
 from kvmagent.ha.probe import heartbeat_path
+from kvmagent.ha.rules import FencerRules
 
 from . import ha_kit
 from .ha_kit import (HOST, beating_agent, connected_agent, fencer_states, ping_during,
@@ -29,6 +31,21 @@ STORAGE = "/kvm/reportstoragestatus"
 def running_guest_code(vms) -> set[str]:
     """The VMs whose QEMU can still run guest code (a killed one may hang exiting)."""
     return {vm.uuid for vm in vms if (p := qemu_process(vm.uuid)) is not None and not exiting(p.pid)}
+
+
+async def libvirt_settles(done, timeout: float = 60) -> set[str]:
+    """The active domains once ``done(names)`` holds (a fresh connection each look: libvirtd
+    may have dropped an idle client while it was blocked on the hung storage)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = libvirt.open("qemu:///system")
+        try:
+            names = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+        finally:
+            conn.close()
+        if done(names) or time.monotonic() > deadline:
+            return names
+        await asyncio.sleep(0.5)
 
 
 async def add_rules(agent, mn, allow=(), block=()):
@@ -93,13 +110,7 @@ async def test_hung_storage_fences_the_right_vms_and_recovers(
     best, worst = detection_bounds(FencerConfig("ps-jfs", "", HOST, 1, 3, 1, strategy))
     assert hung["fencedAt"] - hung_at <= worst + 1.0, (hung["fencedAt"] - hung_at, worst)
     # Once the storage answers, QEMU finishes exiting and libvirt agrees.
-    conn = lv[0]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        running = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
-        if not set(expected) & running:
-            break
-        await asyncio.sleep(0.5)
+    running = await libvirt_settles(lambda names: not set(expected) & names)
     assert running & {vm.uuid for vm in vms} == {vm.uuid for vm in vms} - set(expected)
     assert hung["state"] == "Fenced" and hung["fencedVmUuids"] == expected
     assert len(latencies) > 20, "ping must keep answering while the storage hangs"
@@ -300,3 +311,84 @@ async def test_bad_setup_is_refused_and_starts_nothing(agent, mutate, fragment):
     status, reply = await agent.post("/ha/selffencer/setup", body)
     assert status == 400 and fragment in reply["error"], reply
     assert agent.ctx.services["ha.fencers"].fencers == {}
+
+
+async def test_a_storage_zstack_mounted_is_remounted_after_a_fence(make_agent, mn, workdir):
+    """mountedByZStack: after the fence the agent mounts ``urls[i]`` with ``mountOptions[i]``
+    on the mount path again (here a bind mount of a tmpfs stands in for the NFS export)."""
+    export, mount_path = workdir / "export", workdir / "ps"
+    export.mkdir()
+    mount_path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmagent-test", str(export)],
+                   check=True, timeout=30)
+    subprocess.run(["mount", "--bind", str(export), str(mount_path)], check=True, timeout=30)
+    try:
+        agent = await connected_agent(make_agent, mn)
+        body = {**setup_body({"ps-m": mount_path}, "Force"), "urls": [str(export)],
+                "mountedByZStack": [True], "mountOptions": ["bind"]}
+        await agent.call_async(mn, "/ha/selffencer/setup", body)
+        await wait_beats(agent, "ps-m", count=1)
+        subprocess.run(["umount", "-l", str(mount_path)], check=True, timeout=30)  # NFS gone
+        await mn.wait_report(FENCER, timeout=20)
+        connected = await mn.wait_report(STORAGE, lambda b: b["psStatus"] == "Connected", timeout=30)
+        assert connected["psUuids"] == ["ps-m"]
+        assert os.path.ismount(mount_path)
+        state = (await fencer_states(agent))["ps-m"]
+        assert state["state"] == "Healthy" and state["remount"].startswith("remounted")
+    finally:
+        for path in (mount_path, mount_path, export):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+async def test_a_fence_before_any_mn_is_known_is_reported_once_one_is(make_agent, mn, workdir):
+    agent = await make_agent()  # never connected: no sendCommandUrl yet
+    await agent.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-q": workdir}, interval=0.2))
+    deadline = time.monotonic() + 20
+    while (await fencer_states(agent))["ps-q"]["state"] != "Fenced":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+    assert mn.reports_for(FENCER) == []
+    await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
+    report = await mn.wait_report(FENCER)
+    assert report["vmUuidsString"] == "Disconnected" and report["hostUuid"] == HOST
+    assert report["psUuids"] == ["ps-q"]
+
+
+async def test_fencer_rules_persist_and_follow_zstacks_own_test(make_agent, mn):
+    """ZU kvmagent/test/nfs_testsuit/test_without_ha_for_businessnic.py, plus a restart."""
+    agent = await connected_agent(make_agent, mn)
+    rules = {"hostUuid": HOST,
+             "allowRules": [{"fencerName": "hostStorageState", "vmUuids": ["v1", "v2"]}],
+             "blockRules": [{"fencerName": "hostBusinessNic", "vmUuids": ["v3", "v4"]}]}
+    assert (await agent.call_async(mn, "/add/vm/fencer/rule/to/host", rules))["success"]
+    got = await agent.call_async(mn, "/get/vm/fencer/rule/", {})
+    assert got["allowRules"] == {"hostStorageState": ["v1", "v2"]}
+    assert got["blockRules"] == {"hostBusinessNic": ["v3", "v4"]}
+    await agent.call_async(mn, "/remove/vm/fencer/rule/from/host", {
+        "hostUuid": HOST, "allowRules": [{"fencerName": "hostStorageState", "vmUuids": ["v1"]}],
+        "blockRules": [{"fencerName": "hostBusinessNic", "vmUuids": ["v4"]}]})
+    await agent.client.close()
+    restarted = await make_agent()
+    got = await restarted.call_async(mn, "/get/vm/fencer/rule/", {})
+    assert got["allowRules"] == {"hostStorageState": ["v2"]}
+    assert got["blockRules"] == {"hostBusinessNic": ["v3"]}
+    other = await restarted.call_async(mn, "/add/vm/fencer/rule/to/host", {**rules, "hostUuid": "elsewhere"})
+    assert other["success"] is False and "not this host" in other["error"]
+    assert (await restarted.call_async(mn, "/get/vm/fencer/rule/", {}))["allowRules"] == \
+        {"hostStorageState": ["v2"]}
+
+
+def test_kill_set_table():
+    """The README's kill-set table, row by row."""
+    class Memory:
+        def save(self, *_):
+            pass
+
+    rules = FencerRules(Memory())
+    rules.add({"hostStorageState": ["allowed", "allowed-blocked"]},
+              {"hostStorageState": ["allowed-blocked", "ha-blocked"], "hostBusinessNic": ["ha"]})
+    vms = [VmRecord(u, ("/ps/d",), u.startswith("ha"), True)
+           for u in ("allowed", "allowed-blocked", "ha", "ha-blocked", "plain")]
+    kill = {s: sorted(v.uuid for v in storage_kill_set(s, vms, rules)) for s in ("Permissive", "Force")}
+    assert kill == {"Permissive": ["allowed", "ha"], "Force": ["allowed", "ha", "plain"]}
