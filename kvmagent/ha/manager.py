@@ -119,7 +119,8 @@ class FencerManager:
 
     async def cancel(self, ps_uuids: list[str], mount_points: list[str] = ()) -> list[str]:
         """Stop the fencers of these storages (by uuid or mount path); unknown ones are ignored."""
-        wanted = set(ps_uuids) | {ps for ps, c in self.configs.items() if c.mount_path in mount_points}
+        points = {p.rstrip("/") or "/" for p in mount_points if p}  # MNs send "/x/" and "/x"
+        wanted = set(ps_uuids) | {ps for ps, c in self.configs.items() if c.mount_path in points}
         cancelled = [ps for ps in await asyncio.gather(*(self._cancel_one(ps) for ps in sorted(wanted)))
                      if ps]
         self._persist()

@@ -58,7 +58,7 @@ async def test_selffencer_setup_and_cancel(connected, mn, nfs_like):
     assert reply["success"] is True  # the MN's SetupSelfFencerRsp reads success/error only
     state = (await connected.call("/ha/selffencer/state"))["fencers"][0]
     assert state["fencers"] == ["hostStorageState", "hostBusinessNic"] and state["mountedByZStack"]
-    cancel = {"hostUuid": HOST, "mountPoints": [str(nfs_like)], "psUuids": [PS]}
+    cancel = {"hostUuid": HOST, "mountPoints": [f"{nfs_like}/"], "psUuids": []}
     assert (await mn_async(connected, mn, "/ha/selffencer/cancel", cancel, HOST))["success"] is True
     assert (await connected.call("/ha/selffencer/state"))["fencers"] == []
 
