@@ -70,8 +70,11 @@ async def test_hung_storage_fences_the_right_vms_and_recovers(
     vms = (allowed, blocked, plain, elsewhere)
     await add_rules(ha_agent, mn, allow=[allowed.uuid, elsewhere.uuid], block=[blocked.uuid])
     second = storages("ps2")
-    reply = await ha_agent.call_async(mn, "/ha/selffencer/setup",
-                                      setup_body({"ps-jfs": jfs.mountpoint, "ps-local": second}, strategy))
+    body = setup_body({"ps-jfs": jfs.mountpoint, "ps-local": second}, strategy)
+    if strategy == "Permissive":  # as for NFS: ZStack mounted it, and may remount it after a fence
+        body.update(urls=["10.0.0.5:/nfs", "10.0.0.5:/other"], mountedByZStack=[True, True],
+                    mountOptions=["", ""])
+    reply = await ha_agent.call_async(mn, "/ha/selffencer/setup", body)
     assert reply["success"] is True and reply["outcome"] == {"ps-jfs": "started", "ps-local": "started"}
     await wait_beats(ha_agent, "ps-jfs")
     beat = json.loads(Path(heartbeat_path(str(jfs.mountpoint), HOST)).read_text())
@@ -106,6 +109,9 @@ async def test_hung_storage_fences_the_right_vms_and_recovers(
     assert {blocked.uuid, elsewhere.uuid} <= still_running, "block rules and other storages exempt"
     if strategy == "Permissive":
         assert plain.uuid in still_running, "Permissive spares VMs not on the allow list"
+        # ... and keeps the storage mounted for the VMs it spared.
+        assert hung["remount"].startswith("keeping the mount"), hung["remount"]
+        assert plain.uuid in hung["remount"] and os.path.ismount(jfs.mountpoint)
     # The fence started within the documented bound of the hang.
     best, worst = detection_bounds(FencerConfig("ps-jfs", "", HOST, 1, 3, 1, strategy))
     assert hung["fencedAt"] - hung_at <= worst + 1.0, (hung["fencedAt"] - hung_at, worst)
