@@ -103,9 +103,6 @@ async def measure() -> dict[str, object]:
             figures[f"detect {label}: measured s"] = detected
             figures[f"detect {label}: documented bound s"] = f"{best:.1f}-{worst:.1f}"
             figures[f"detect {label}: within bound"] = best - 0.5 <= detected <= worst + 0.5
-    finally:
-        await client.close()
-        await mn.close()
         volume = MountedVolume().mount()
         try:
             calm = await replace_latencies(client, str(volume.mountpoint))
@@ -117,6 +114,9 @@ async def measure() -> dict[str, object]:
         figures["replace p99 ms, healthy storage (baseline)"] = calm_p["p99_ms"]
         figures["replace p99 ms, hung storage"] = stalled_p["p99_ms"]
         figures["replace p99 hung/healthy ratio"] = stalled_p["p99_ms"] / calm_p["p99_ms"]
+    finally:
+        await client.close()
+        await mn.close()
     ok, hung = percentiles(healthy), percentiles(hung_pings)
     figures["ping p50/p99 ms, storages healthy (baseline)"] = f"{ok['p50_ms']:.2f} / {ok['p99_ms']:.2f}"
     figures["ping p50/p99 ms, a storage hung"] = f"{hung['p50_ms']:.2f} / {hung['p99_ms']:.2f}"
