@@ -16,7 +16,6 @@ from kvmagent.ha.fencer import FencerConfig, detection_bounds
 from kvmagent.ha.manager import FencerManager
 from kvmagent.ha.netgroup import Group, NetworkGroupMonitor
 from kvmagent.ha.peer import check_peer
-from kvmagent.ha.probe import StorageProbe
 from kvmagent.ha.rules import FENCER_NAME, HOST_BUSINESS_NIC, HOST_STORAGE_STATE
 from kvmagent.ha.scan import scan_host
 
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 
 plugin = Plugin("ha", "storage self-fencing and network-group monitoring")
 
-FENCERS, NETGROUPS, PEER_PROBES = "ha.fencers", "ha.networkgroups", "ha.peer_probes"
+FENCERS, NETGROUPS = "ha.fencers", "ha.networkgroups"
 PsUuid = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
 
 
@@ -273,6 +272,8 @@ async def setup_fencers(ctx: AgentContext, cmd: SetupSelfFencerCmd) -> SetupSelf
     urls, mounted, options = (cmd.urls or [""] * n, cmd.mounted_by_zstack or [False] * n,
                               cmd.mount_options or [""] * n)
     for i, path in enumerate(cmd.mount_paths):  # all checked before anything starts
+        if any(c.mount_path == path for c in manager.configs.values()):
+            continue  # checked when it was first set up; a replay must not wait on a hung storage
         probe = manager.probe_for(path)
         found = await probe.is_dir(path, min(cmd.storage_checker_timeout, 10.0))
         if found.missing:
@@ -360,8 +361,7 @@ async def get_fencer_rules(ctx: AgentContext, cmd: EmptyRequest) -> FencerRulesR
 @plugin.command("/filesystem/check/vmstate", mode=ASYNC)
 async def check_vm_state(ctx: AgentContext, cmd: CheckVmStateCmd) -> CheckVmStateRsp:
     """Is another host's heartbeat on this storage still advancing? With its VM uuids."""
-    probes = ctx.services.setdefault(PEER_PROBES, {})
-    probe = probes.setdefault(cmd.mount_path, StorageProbe())
+    probe = ctx.services[FENCERS].probe_for(cmd.mount_path)  # one stuck child per storage at most
     verdict = await check_peer(probe, cmd.mount_path, cmd.target_host_uuid, cmd.times,
                                cmd.interval, cmd.storage_checker_timeout)
     return CheckVmStateRsp(result={cmd.primary_storage_uuid: verdict.alive},

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kvmagent.ha.probe import heartbeat_path
@@ -19,6 +20,18 @@ storages, jfs = ha_kit.storages, ha_kit.jfs  # fixtures
 
 def loops_of(ps_uuid: str) -> list[asyncio.Task]:
     return [t for t in asyncio.all_tasks() if t.get_name() == f"selffencer {ps_uuid}" and not t.done()]
+
+
+def io_children(mount: Path) -> list[psutil.Process]:
+    """The agent's heartbeat/read children for ``mount`` (stuck ones included)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if str(mount) in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
 
 def stall_event_loop(stop: asyncio.Event, every: float, for_: float) -> None:
@@ -59,6 +72,7 @@ async def test_concurrent_replacements_of_a_stalled_fencer_all_answer_and_leave_
                 for iv in intervals[r * 8:(r + 1) * 8]))
             assert all(r["success"] for r in replies), replies
         assert len(loops_of("ps-x")) == 1, "exactly one loop must remain"
+        assert len(io_children(path)) <= 1, "a hung storage keeps at most one stuck I/O child"
         state = (await agent.call("/ha/selffencer/state"))["fencers"][0]
         assert state["interval"] in intervals
         fencer = agent.ctx.services["ha.fencers"].fencers["ps-x"]

@@ -1,9 +1,9 @@
 """Agent -> MN reports (``POST <sendCommandUrl>`` with a ``commandpath`` header).
 
 The MN's address and this host's uuid are learned from ``/host/connect`` and persisted, so
-reports work right after a restart, before the MN reconnects. A report made before any MN
-was ever known (a fence right after installation) is kept, persisted, and handed to the outbox
-in order as soon as ``/host/connect`` tells the address.
+reports work right after a restart, before the MN reconnects. A report that must not be lost
+(a fence) made before any MN was ever known is kept, persisted, and handed to the outbox in
+order as soon as ``/host/connect`` tells the address.
 """
 from __future__ import annotations
 
@@ -45,10 +45,16 @@ class Reporter:
         self.outbox = outbox
         identity.on_update.append(self._flush_waiting)
 
-    def report(self, commandpath: str, body: dict[str, Any]) -> bool:
-        """Queue a report; False (logged) when no MN is known yet: it waits for one."""
+    def report(self, commandpath: str, body: dict[str, Any], *, wait_for_mn: bool = False) -> bool:
+        """Queue a report; False (logged) when no MN is known yet. Then it is dropped, or with
+        ``wait_for_mn`` (a fence: the MN must hear of it) kept until an MN is known."""
         url = self.identity.send_command_url
         body = {**body, "hostUuid": body.get("hostUuid") or self.identity.host_uuid}
+        if not url and not wait_for_mn:
+            self.outbox.metrics.deliveries_failed.labels("report").inc()
+            log.warning("report %s not sent: no MN connected yet (no sendCommandUrl): %s",
+                        commandpath, body)
+            return False
         if not url:
             waiting = self._waiting()[-(MAX_WAITING - 1):]
             waiting.append({"commandpath": commandpath, "body": body})

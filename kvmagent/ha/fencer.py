@@ -186,7 +186,7 @@ class Fencer:
 
     def _report(self, path: str, body: dict) -> None:
         self.ctx.reporter.report(path, {"hostUuid": self.cfg.host_uuid,
-                                        "psUuids": [self.cfg.ps_uuid], **body})
+                                        "psUuids": [self.cfg.ps_uuid], **body}, wait_for_mn=True)
 
     async def fence(self, error: str) -> None:
         """ZStack's sequence: reportselffencer "Disconnected", kill, reportselffencer with the

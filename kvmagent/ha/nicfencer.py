@@ -166,7 +166,8 @@ class NicFencer:
                       cfg.max_attempts)
             self.ctx.reporter.report(REPORT_VM_FENCED, {
                 "hostUuid": cfg.host_uuid,
-                "values": [{"vmUuid": u, "fencerName": HOST_BUSINESS_NIC} for u in killed]})
+                "values": [{"vmUuid": u, "fencerName": HOST_BUSINESS_NIC} for u in killed]},
+                wait_for_mn=True)
             try:
                 async with asyncio.timeout(60):
                     await self.ctx.run_hooks("selffencer.vms_killed", killed)

@@ -110,6 +110,7 @@ class StorageProbe:
     def __init__(self, allow_root_fs: bool = False) -> None:
         self.allow_root_fs = allow_root_fs
         self._stuck: asyncio.subprocess.Process | None = None
+        self._one_at_a_time = asyncio.Lock()  # concurrent callers must not each leave a child
 
     @property
     def stuck_pid(self) -> int | None:
@@ -131,6 +132,10 @@ class StorageProbe:
         return await self._run([_IS_DIR, path], timeout)
 
     async def _run(self, script_and_args: list[str], timeout: float) -> ProbeResult:
+        async with self._one_at_a_time:
+            return await self._run_alone(script_and_args, timeout)
+
+    async def _run_alone(self, script_and_args: list[str], timeout: float) -> ProbeResult:
         if self.stuck_pid is not None:
             return ProbeResult(False, f"the previous I/O (pid {self.stuck_pid}) is still stuck "
                                       "in the storage")
