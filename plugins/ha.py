@@ -53,8 +53,9 @@ class SetupSelfFencerCmd(AgentRequest):
     storage_checker_timeout: float = Field(ge=0.5, le=3600,
                                            description="hard limit of one heartbeat write (>= 0.5)")
     strategy: Literal["Force", "Permissive"] = "Permissive"
-    uuids: list[str] = Field(min_length=1, max_length=256, description="primary storage uuids")
-    mount_paths: list[AbsPath] = Field(min_length=1, max_length=256, description="same order")
+    # The MN always sends these lists, possibly empty (then nothing is set up, as in ZU).
+    uuids: list[str] = Field(max_length=256, description="primary storage uuids")
+    mount_paths: list[AbsPath] = Field(max_length=256, description="same order")
     urls: list[str] = Field(default_factory=list, max_length=256,
                             description="remount source of a storage ZStack mounted")
     mounted_by_zstack: list[bool] = Field(default_factory=list, max_length=256,

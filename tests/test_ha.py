@@ -300,7 +300,8 @@ def test_a_stale_pid_file_never_kills_another_process(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, fragment", [
-    (lambda b: b.update(mountPaths=[]), "field 'mountPaths'"),
+    (lambda b: b.update(mountPaths=[]), "uuids (1) and mountPaths (0) must have the same length"),
+    (lambda b: b.pop("mountPaths"), "field 'mountPaths'"),
     (lambda b: b.update(uuids=["a", "b"]), "must have the same length"),
     (lambda b: b.update(strategy="Kill"), "field 'strategy'"),
     (lambda b: b.update(mountPaths=["relative"]), "field 'mountPaths.0'"),

@@ -63,6 +63,14 @@ async def test_selffencer_setup_and_cancel(connected, mn, nfs_like):
     assert (await connected.call("/ha/selffencer/state"))["fencers"] == []
 
 
+async def test_selffencer_setup_with_empty_lists_sets_up_nothing(connected, mn):
+    """The lists are initialised ``new ArrayList`` in the MN: present, possibly empty."""
+    body = {**setup_cmd("/x"), "mountPaths": [], "uuids": [], "urls": [], "mountedByZStack": [],
+            "mountOptions": []}
+    assert (await mn_async(connected, mn, "/ha/selffencer/setup", body, HOST))["success"] is True
+    assert (await connected.call("/ha/selffencer/state"))["fencers"] == []
+
+
 async def test_selffencer_setup_on_a_missing_path_fails_like_zstack(connected, mn):
     reply = await mn_async(connected, mn, "/ha/selffencer/setup", setup_cmd("/opt/zstack/nowhere"))
     assert reply["success"] is False
