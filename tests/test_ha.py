@@ -77,8 +77,12 @@ async def test_hung_storage_fences_the_right_vms_and_recovers(
     reply = await ha_agent.call_async(mn, "/ha/selffencer/setup", body)
     assert reply["success"] is True and reply["outcome"] == {"ps-jfs": "started", "ps-local": "started"}
     await wait_beats(ha_agent, "ps-jfs")
-    beat = json.loads(Path(heartbeat_path(str(jfs.mountpoint), HOST)).read_text())
-    assert sorted(beat["vm_uuids"].split(",")) == sorted([allowed.uuid, blocked.uuid, plain.uuid])
+    on_storage = sorted([allowed.uuid, blocked.uuid, plain.uuid])
+    hb = Path(heartbeat_path(str(jfs.mountpoint), HOST))
+    deadline = time.monotonic() + 60  # the VM snapshot is refreshed every second; libvirtd may lag
+    while sorted((json.loads(hb.read_text())["vm_uuids"] or "").split(",")) != on_storage:
+        assert time.monotonic() < deadline, hb.read_text()
+        await asyncio.sleep(0.5)
 
     stop_pinging = asyncio.Event()
     pinger = asyncio.ensure_future(ping_during(ha_agent, stop_pinging))
