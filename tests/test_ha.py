@@ -403,3 +403,22 @@ def test_kill_set_table():
            for u in ("allowed", "allowed-blocked", "ha", "ha-blocked", "plain")]
     kill = {s: sorted(v.uuid for v in storage_kill_set(s, vms, rules)) for s in ("Permissive", "Force")}
     assert kill == {"Permissive": ["allowed", "ha"], "Force": ["allowed", "ha", "plain"]}
+
+
+async def test_a_fence_report_waiting_for_an_mn_survives_an_agent_restart(make_agent, mn, workdir):
+    first = await make_agent()  # never connected
+    await first.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-w": workdir}, interval=0.2))
+    deadline = time.monotonic() + 20
+    while (await fencer_states(first))["ps-w"]["state"] != "Fenced":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    await first.call_async(mn, "/ha/selffencer/cancel", {"psUuids": ["ps-w"]})
+    await first.client.close()
+
+    second = await make_agent()
+    await second.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
+    report = await mn.wait_report(FENCER)
+    assert (report["vmUuidsString"], report["psUuids"], report["hostUuid"]) == \
+        ("Disconnected", ["ps-w"], HOST)
+    await second.ctx.outbox.drain(5)
+    assert len(mn.reports_for(FENCER)) == 1
