@@ -304,7 +304,7 @@ async def test_juicefs_mount_list_reuse_conflict_umount(make_agent, mn, tmp_path
 
     listed = await agent.call("/modelcenter/list")
     assert listed["mounts"] == [{
-        "modelCenterUuid": mc, "mountPoint": str(point), "healthy": True, "reason": None,
+        "modelCenterUuid": mc, "mountPoint": str(point), "isMounted": True, "healthy": True, "reason": None,
         "kind": "juicefs", "storageUrl": volume.storage_url, "remounts": 0}]
 
     again = await agent.call_async(mn, "/modelcenter/mount", body, timeout=90)

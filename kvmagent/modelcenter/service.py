@@ -242,7 +242,12 @@ class ModelCenterService:
                 log.warning("model center %s: existing mount at %s is unusable (%s); "
                             "mounting again", uuid, mount_point, reason)
                 await backend.recover(mount_point, current.daemon if current else None)
-            await self._mount(uuid, wanted, url)
+            try:
+                await self._mount(uuid, wanted, url)
+            except BaseException:
+                if current is None:  # a first mount that failed leaves no directory behind
+                    await self._rmdir(mount_point)
+                raise
             return mount_point
 
     async def _mount(self, uuid: str, record: Record, url: StorageUrl) -> None:

@@ -209,7 +209,9 @@ def _parse_meta(meta: str) -> tuple[str, str | None, str, tuple[str, ...]]:
     user, pw, address = _split_userinfo(rest)
     head, q, query = address.partition("?")
     shown_query, query_secrets = _query_secrets(query) if q else ("", [])
-    if not address or head.startswith(("-", "@")) or not head and engine not in _SOCKET_ADDRESS             or head.startswith("/") and engine not in _SOCKET_ADDRESS:
+    socket_ok = engine in _SOCKET_ADDRESS
+    if not address or head.startswith(("-", "@")) or \
+            (not head or head.startswith("/")) and not socket_ok:
         raise StorageUrlError(f"the {engine} metadata URL has no valid address")
     shown_address = f"{head}{q}{shown_query}"
     if pw is not None and engine not in ENV_PASSWORD_ENGINES:
@@ -219,7 +221,10 @@ def _parse_meta(meta: str) -> tuple[str, str | None, str, tuple[str, ...]]:
     password = (unquote(pw) or None) if pw is not None else None
     keep_at = user or (password is not None and engine in _KEEP_AT)
     plain = f"{user or ''}@{address}" if keep_at else address
-    shown = f"{user or ''}:{MASK}@{shown_address}" if password is not None else         (f"{user or ''}@{shown_address}" if keep_at else shown_address)
+    if password is not None:
+        shown = f"{user or ''}:{MASK}@{shown_address}"
+    else:
+        shown = f"{user or ''}@{shown_address}" if keep_at else shown_address
     return f"{engine}://{plain}", password, f"{engine}://{shown}", tuple(query_secrets)
 
 
