@@ -176,6 +176,24 @@ def test_juicefs_argv_has_no_password_and_options_come_before_positionals(tmp_pa
     assert argv[argv.index("--cache-dir") + 1] == str(tmp_path / "cache" / "mc")
 
 
+def test_raw_meta_urls_mount_as_zstack_does_unless_options_say_otherwise(tmp_path):
+    from kvmagent.modelcenter.service import zstack_defaults
+    config = agent_config(tmp_path)
+    backend = JuicefsBackend(config, BlockingRunner({"default": 2}))
+    raw = parse_storage_url(f"mysql://jfs:{SECRET}@(db:3306)/models")
+    options = zstack_defaults(raw, MountOptions(), config)
+    argv, env = backend.mount_argv(raw, tmp_path / "mc", options, "mc")
+    assert argv[argv.index("--subdir") + 1] == "/models" and "--read-only" in argv
+    assert argv[-2] == "mysql://jfs@(db:3306)/models" and env == {"META_PASSWORD": SECRET}
+    mine = zstack_defaults(raw, MountOptions(read_only=False, subdir="llm"), config)
+    assert mine.given() == {"read_only": False, "subdir": "/llm"}
+    whole = zstack_defaults(raw, MountOptions(), agent_config(tmp_path,
+                                                              modelcenter_meta_url_subdir=""))
+    assert whole.given() == {"read_only": True}
+    wrapped = parse_storage_url("juicefs://sqlite3:///var/x.db")
+    assert zstack_defaults(wrapped, MountOptions(), config).given() == {}, "extension: as given"
+
+
 def test_nfs_and_bind_argv(tmp_path):
     config = agent_config(tmp_path)
     runner = BlockingRunner({"default": 2})

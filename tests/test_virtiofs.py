@@ -67,6 +67,39 @@ def test_share_xml_is_built_by_elementtree_and_parsed_back():
     auto = VirtiofsShare(source_dir="/m/x", tag="t", readonly=False).to_xml()
     assert "<cache" not in auto, "libvirt 9 knows only none/always; auto is virtiofsd's default"
     assert "<readonly" in VirtiofsShare(source_dir="/m/x", tag="t").to_xml(), "old API unchanged"
+    small = VirtiofsShare(source_dir="/m/x", tag="t", queue=256)
+    assert ET.fromstring(small.to_xml()).find("driver").get("queue") == "256"
+    assert VirtiofsShare.from_element(ET.fromstring(small.to_xml())).queue == 256
+
+
+@pytest.mark.parametrize("extra, cache, queue", [
+    ({}, "none", 1024),  # ZStack's current defaults
+    ({"cache": "always", "queue": 1024}, "always", 1024),  # the MN's Java field names
+    ({"cacheMode": "auto", "cache": "always"}, "auto", 1024),  # cacheMode wins
+    ({"cache": None, "queue": 0}, "none", 1024),  # null / an unset Java int
+    ({"queue": 64, "mountPath": ""}, "none", 64),
+])
+def test_attach_fields_as_zstack_sends_them(extra, cache, queue):
+    from plugins.virtiofs import AttachCmd
+    cmd = AttachCmd.model_validate({"vmInstanceUuid": uid(), "tag": "t", "sourcePath": "/m/x",
+                                    **extra})
+    assert (cmd.cache_mode, cmd.queue) == (cache, queue)
+    assert cmd.mount_path is None
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"cache": "writeback"}, "cache"), ({"cacheMode": "fast"}, "cacheMode"),
+    ({"queue": 1000}, "queue"), ({"queue": 2048}, "queue"), ({"queue": -1}, "queue"),
+    ({"queue": "many"}, "queue"), ({"queue": True}, "queue"),
+])
+def test_attach_fields_refused_naming_the_field(extra, field):
+    from pydantic import ValidationError
+
+    from plugins.virtiofs import AttachCmd
+    with pytest.raises(ValidationError) as err:
+        AttachCmd.model_validate({"vmInstanceUuid": uid(), "tag": "t", "sourcePath": "/m/x",
+                                  **extra})
+    assert [e["loc"] for e in err.value.errors()] == [(field,)], err.value.errors()
 
 
 async def test_guest_mount_through_the_guest_agent_protocol():
