@@ -372,7 +372,14 @@ async def test_dead_juicefs_is_remounted_and_exported_again_into_the_guest(
         except libvirt.libvirtError as exc:  # its agent may be busy while the device moves
             seen = exc
     assert await guest_run(dom, "cat", "/models/m/v1.txt") == (0, "version one\n")
-    code, mounts = await guest_run(dom, "cat", "/proc/mounts")
+    # The re-export mounts the tag again where it was mounted, one path after the other: the
+    # guest may read /models/m before /data/extra is back.
+    deadline = time.monotonic() + 60
+    while True:
+        code, mounts = await guest_run(dom, "cat", "/proc/mounts")
+        if "m /data/extra virtiofs" in mounts or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     assert mounts.count("m /models/m virtiofs ro") == 1, mounts
     assert mounts.count("m /data/extra virtiofs") == 1, mounts
     assert mounts.count(" virtiofs ") == 2, mounts
