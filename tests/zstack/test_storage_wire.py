@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import subprocess
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -38,7 +39,15 @@ from kvmagent.core.plugin import discover_plugins
 from kvmagent.host.hugepages import hugetlbfs_mounts
 from kvmagent.virtiofs.domain_xml import shares_in_xml
 
-from ..juicefs_kit import LocalVolume, cleanup_mounts, mount_cleanup, seed  # noqa: F401
+from ..juicefs_kit import (  # noqa: F401
+    JUICEFS,
+    QUIET,
+    LocalVolume,
+    cleanup_mounts,
+    daemons,
+    mount_cleanup,
+    seed,
+)
 from ..test_vhost import (  # noqa: F401
     busybox_image,
     dockerd_restored,
@@ -114,6 +123,36 @@ async def test_modelcenter_mount_and_list_as_the_mn_sends_them(make_agent, mn, m
     assert SECRET not in str(reply) and SECRET not in caplog.text
     assert "redis://:***@127.0.0.1:1/1" in reply["error"], reply
     assert not (Path(agent.config.models_root) / other).exists()
+
+
+async def test_modelcenter_mount_adopts_what_zstacks_agent_mounted(make_agent, mn, mount_cleanup,  # noqa: F811
+                                                                    models_volume):
+    """A host taken over from ZStack's agent: its juicefs mount of the model center is already
+    at <root>/<uuid> (same command line as host_model_mount_plugin.py). The MN's replayed mount
+    reuses it (no second juicefs), and from then on it is this agent's (restored, watched)."""
+    agent = await make_agent(plugins=discover_plugins(["host", "modelcenter"]),
+                             modelcenter_mount_timeout=30)
+    mc = zuuid()
+    point = Path(agent.config.models_root) / mc
+    point.mkdir(parents=True)
+    subprocess.run([JUICEFS, *QUIET, "mount", models_volume.meta, str(point), "--read-only", "-d",
+                    "--subdir", "models", "--no-bgjob"], check=True, capture_output=True,
+                   timeout=60)
+    before = sorted(p.pid for p in daemons(point))
+    assert before
+    listed = await mn_async(agent, mn, "/modelcenter/list", {"kvmHostAddons": ADDONS})
+    assert [m["isMounted"] for m in listed["mounts"] if m["modelCenterUuid"] == mc] == [True]
+
+    reply = await mn_async(agent, mn, "/modelcenter/mount", {
+        "modelCenterUuid": mc, "storageUrl": models_volume.meta, "kvmHostAddons": ADDONS},
+        timeout=90)
+    assert reply["success"] is True and reply["mountPoint"] == str(point), reply
+    assert sorted(p.pid for p in daemons(point)) == before, "reused, not mounted twice"
+    assert (point / "qwen" / "config.json").exists()
+    listed = await mn_async(agent, mn, "/modelcenter/list", {"kvmHostAddons": ADDONS})
+    mine = [m for m in listed["mounts"] if m["modelCenterUuid"] == mc]
+    assert [(m["isMounted"], m["healthy"]) for m in mine] == [(True, True)], mine
+    assert agent.ctx.state.names("modelcenter") == [f"modelcenter/{mc}"]
 
 
 async def test_modelcenter_mount_refuses_a_url_juicefs_cannot_use(make_agent, mn):
