@@ -123,6 +123,12 @@ async def test_modelcenter_mount_and_list_as_the_mn_sends_them(make_agent, mn, m
     assert SECRET not in str(reply) and SECRET not in caplog.text
     assert "redis://:***@127.0.0.1:1/1" in reply["error"], reply
     assert not (Path(agent.config.models_root) / other).exists()
+    # A credential juicefs reads only from the URL (a query parameter) reaches juicefs as is,
+    # and no reply or log line
+    bad["storageUrl"] = f"postgres://jfs@127.0.0.1:1/jfs?sslmode=disable&password={SECRET}"
+    reply = await mn_async(agent, mn, "/modelcenter/mount", bad, resource=other, timeout=90)
+    assert reply["success"] is False and "password=***" in reply["error"], reply
+    assert SECRET not in str(reply) and SECRET not in caplog.text
 
 
 async def test_modelcenter_mount_adopts_what_zstacks_agent_mounted(make_agent, mn, mount_cleanup,  # noqa: F811
