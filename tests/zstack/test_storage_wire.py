@@ -33,6 +33,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
 import pytest
 
 from kvmagent.core.plugin import discover_plugins
@@ -180,6 +181,18 @@ def _filesystem(dom: libvirt.virDomain, tag: str, flags: int = 0) -> ET.Element 
     return None
 
 
+def _virtiofs_queue_sizes(qtree: str) -> list[int]:
+    """queue-size of every vhost-user-fs device in QEMU's ``info qtree``."""
+    sizes, device = [], ""
+    for line in qtree.splitlines():
+        text = line.strip()
+        if text.startswith("dev: "):
+            device = text[5:].split(",")[0]
+        elif text.startswith("queue-size = ") and device == "vhost-user-fs-device":
+            sizes.append(int(text.split()[2]))
+    return sizes
+
+
 @pytest.mark.libvirt
 @pytest.mark.guest
 async def test_virtiofs_attach_detach_status_as_the_mn_sends_them(
@@ -220,12 +233,16 @@ async def test_virtiofs_attach_detach_status_as_the_mn_sends_them(
 
     # The in-guest mount fails: ZStack's current agent keeps the device and answers success
     # with qgaMountError (mkdir under /proc fails in any Linux guest)
-    second = {**attach, "tag": "model-qwen-2", "mountPath": "/proc/models/qwen"}
+    second = {**attach, "tag": "model-qwen-2", "mountPath": "/proc/models/qwen", "queue": 256}
     reply = await mn_async(agent, mn, "/virtiofs/attach", second, resource=vm.uuid)
     assert reply["success"] is True, reply
     assert (reply["qgaMountAttempted"], reply["qgaMountSuccess"]) == (True, False), reply
     assert reply["qgaMountError"] and "/proc/models/qwen" in reply["qgaMountError"], reply
     assert _filesystem(dom, "model-qwen-2") is not None, "the device stays attached"
+    # queue reached QEMU's device, not only the XML
+    qtree = libvirt_qemu.qemuMonitorCommand(dom, "info qtree",
+                                            libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    assert sorted(_virtiofs_queue_sizes(qtree)) == [256, 1024], qtree
 
     status = await mn_async(agent, mn, "/virtiofs/status", {"kvmHostAddons": ADDONS})
     assert status["virtiofsHotplugSupported"] is True
