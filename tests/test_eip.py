@@ -12,6 +12,7 @@ from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
+from kvmagent.eip.hostfw import chain_name
 from kvmagent.eip.naming import Names, mac_for
 from kvmagent.eip.spec import EipSpec
 from kvmagent.ha.fencer import HOOK_VMS_KILLED
@@ -75,6 +76,15 @@ _FIELDS = {"eip_uuid": "eipUuid", "vm_uuid": "vmUuid", "vip": "vip", "vip_netmas
            "vm_bridge_name": "vmBridgeName"}
 
 
+def host_rules(world: World, body: dict) -> list[str]:
+    """The host FORWARD accepts of one IPv4 EIP as ``iptables -S`` prints them."""
+    names, chain = _names(world, body), chain_name(world.prefix)
+    return [f"-A {chain} -d {body['vip']}/32 -m physdev --physdev-out {names.pub_host} -j ACCEPT",
+            f"-A {chain} -s {body['vip']}/32 -m physdev --physdev-in {names.pub_host} -j ACCEPT",
+            f"-A {chain} -s {body['nicIp']}/32 -m physdev --physdev-out {names.vm_host} -j ACCEPT",
+            f"-A {chain} -d {body['nicIp']}/32 -m physdev --physdev-in {names.vm_host} -j ACCEPT"]
+
+
 def _names(world: World, body: dict):
     return Names.of(world.prefix, body["eipUuid"])
 
@@ -96,7 +106,8 @@ async def traffic(world: World, body: dict, vm: int = 0) -> None:
 
 async def assert_gone(world: World, agent, body: dict) -> None:
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
     observed = await manager(agent).observe(body["eipUuid"])
     assert observed.empty, observed
     assert body["eipUuid"] not in manager(agent).records
@@ -121,6 +132,7 @@ async def assert_one_copy(world: World, agent, body: dict) -> None:
     assert len(rules) == expected_rules(world, body)
     left = await asyncio.to_thread(world.leftovers)
     assert left["netns"] == [names.netns] and left["nft"] == [], left
+    assert sorted(left["iptables"][4] or []) == sorted(host_rules(world, body)), left
 
 
 async def test_apply_carries_traffic_and_delete_leaves_nothing(eip_agent, world, mn):
@@ -363,7 +375,8 @@ async def test_batch_apply_reports_failed_eips_and_batch_delete(eip_agent, world
     reply = await agent.call_async(mn, BATCH_DELETE, {"eips": good + [bad]})
     assert reply == {"success": True, "error": None, "failedEips": []}, reply
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
     assert manager(agent).records == {}
 
 
@@ -426,7 +439,8 @@ async def test_bad_input_is_400_naming_the_field(eip_agent, world, field, value)
     assert manager(agent).applied() == [good["eipUuid"]]
     assert (await agent.call(DELETE, {"eip": good}))["success"]
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
     assert manager(agent).records == {} and agent.ctx.state.names("eips") == []
 
 
@@ -468,7 +482,8 @@ async def test_delete_needs_only_the_eip_uuid(eip_agent, world):
     assert reply["failedEips"][2]["eipUuid"] == "nope"
     assert manager(agent).records == {}
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
 
 
 async def test_apply_where_an_ipv6_sysctl_key_is_missing(eip_agent, world, monkeypatch):
@@ -500,7 +515,8 @@ async def test_missing_fields_and_same_bridges_are_400(eip_agent, world):
     status, reply = await agent.post(APPLY, {})
     assert status == 400 and "eip" in reply["error"], reply
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
 
 
 def test_names_fit_the_kernel_limit():
