@@ -124,6 +124,14 @@ class World:
             self.vms[k] = self.vm_ns(k)
         return self.vms[k]
 
+    def add_nic(self, suffix: str) -> str:
+        """A link in the root namespace standing in for a physical NIC (one end of a veth:
+        this kernel has no dummy links; a veth keeps ``self`` fdb entries like a NIC)."""
+        name = f"{self.tag}{suffix}"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=name, kind="veth", peer={"ifname": f"{name}p"})
+        return name
+
     def _veth_into(self, ns_name: str, outer: str, inner: str, bridge: str, cidr: str,
                    gateway: str | None, mac: str | None, cidr6: str,
                    gateway6: str | None = None) -> None:

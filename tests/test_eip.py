@@ -19,8 +19,10 @@ from kvmagent.ha.fencer import HOOK_VMS_KILLED
 
 from .eip_world import (
     CLIENT_IP,
+    CLIENT_IP6,
     World,
     arp_ask,
+    host_forward_drops,
     ns_nft_rules,
     ns_run,
     ping_through,
@@ -688,3 +690,187 @@ def test_leftover_check_sees_our_root_rules_and_only_ours():
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], check=True, timeout=30)
     assert world.leftovers()["nft"] == []
+
+
+# ----- the host firewall (docker's FORWARD DROP), IPv6, fdb ---------------------------------
+async def traffic6(world: World, body: dict, vm: int = 0) -> None:
+    """IPv6: TCP in through DNAT (answered by the VM namespace, which sees the client's
+    address) and out through SNAT (the client sees the VIP)."""
+    vm_ns = world.vm_ns(vm)
+    inbound = await asyncio.to_thread(tcp_exchange, vm_ns, body["nicIp"], world.client_ns,
+                                      body["vip"], 7779)
+    assert inbound["answered_by"] == vm_ns and inbound["server_saw"] == CLIENT_IP6, inbound
+    outbound = await asyncio.to_thread(tcp_exchange, world.client_ns, CLIENT_IP6, vm_ns,
+                                       CLIENT_IP6, 7780)
+    assert outbound["server_saw"] == body["vip"], outbound          # SNAT to the VIP
+    assert outbound["client_local"] == body["nicIp"], outbound
+
+
+async def test_without_the_host_rules_docker_forward_policy_drops_eip_traffic(eip_agent, world):
+    """Why hostfw exists: on this host (docker running: FORWARD policy DROP, br_netfilter
+    on) an EIP without the agent's host rules carries nothing; the same EIP with them does."""
+    if not await asyncio.to_thread(host_forward_drops):
+        pytest.skip("this host does not drop bridged IPv4 in FORWARD (docker not running?)")
+    agent = await eip_agent(host_firewall=False)
+    body = world.eip(0)
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    assert (await asyncio.to_thread(world.leftovers))["iptables"] == {4: None, 6: None}
+    with pytest.raises(OSError):     # timed out or refused: the host dropped it
+        await asyncio.to_thread(tcp_exchange, world.vm_ns(0), body["nicIp"], world.client_ns,
+                                body["vip"], 7781, 2.0)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await agent.client.close()
+    agent = await eip_agent()
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_ipv6_eip_carries_tcp_through_dnat_and_snat(eip_agent, world, mn):
+    """ipVersion 6 as ZStack sends it (FlatEipBackend.eipStructToEipTO: prefix lengths, the
+    netmask in its 8-group form), through the MN's async call; delete leaves nothing."""
+    agent = await eip_agent()
+    body = world.eip6(0)
+    reply = await agent.call_async(mn, APPLY, {"eip": body})
+    assert reply == {"success": True, "error": None}, reply
+    names = _names(world, body)
+    obs = await manager(agent).observe(body["eipUuid"])
+    assert obs.addresses == sorted(["lo:127.0.0.1/8", f"{names.pub_ns}:{body['vip']}/64",
+                                    f"{names.vm_ns}:{body['nicGateway']}/64"]), obs.addresses
+    assert obs.default_routes == [f"{body['vipGateway']}@{names.pub_ns}"]
+    assert obs.neighbours == [(body["nicIp"], body["nicMac"])]
+    fw = (await asyncio.to_thread(world.leftovers))["iptables"]
+    assert fw[4] is None and len(fw[6]) == 4 + 8, fw      # 4 address rules, 8 for ND
+    await traffic6(world, body)
+    # batchapply of the same EIP (host reconnect) keeps one copy and still carries traffic
+    reply = await agent.call_async(mn, BATCH_APPLY, {"eips": [dict(body, skipArpCheck=False)]})
+    assert reply["success"], reply
+    assert len((await asyncio.to_thread(world.leftovers))["iptables"][6]) == 12
+    await traffic6(world, body)
+    reply = await agent.call_async(mn, BATCH_DELETE, {"eips": [body]})
+    assert reply["success"], reply
+    await assert_gone(world, agent, body)
+
+
+async def test_ipv4_and_ipv6_eips_of_one_vm_side_by_side(eip_agent, world):
+    agent = await eip_agent()
+    v4, v6 = world.eip(0), world.eip6(1)
+    v6["nicGateway"] = "2001:db8:77::1"
+    assert (await agent.call(BATCH_APPLY, {"eips": [v4, v6]}))["success"]
+    await traffic(world, v4)
+    await traffic6(world, v6)
+    assert (await agent.call(DELETE, {"eip": v4}))["success"]
+    await traffic6(world, v6)
+    assert (await agent.call(DELETE, {"eip": v6}))["success"]
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+@pytest.mark.parametrize("over,field", [
+    ({"ipVersion": 6}, "vip"),                                   # IPv4 addresses, version 6
+    ({"ipVersion": 5}, "ipVersion"),
+    ({"ipVersion": 6, "vip": "2001:db8:51::10", "vipGateway": "2001:db8:51::1",
+      "nicIp": "2001:db8:77::10", "nicGateway": "2001:db8:78::1", "vipPrefixLen": 64,
+      "nicPrefixLen": 64}, "nicGateway"),
+    ({"vip": "2001:db8:51::10"}, "vip"),                         # IPv6 address, version 4
+    ({"physicalNic": "eth0; reboot", "addfdb": True}, "physicalNic"),
+])
+async def test_bad_ip_version_fields_are_400_naming_the_field(eip_agent, world, over, field):
+    agent = await eip_agent()
+    status, reply = await agent.post(APPLY, {"eip": world.eip(0, **over)})
+    assert status == 400 and field in reply["error"], (status, reply)
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+def _fdb(ifname: str) -> list[tuple[str, bool]]:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        return sorted((e.get("lladdr"), bool(e["flags"] & 0x02))
+                      for e in ipr.fdb("dump") if e["ifindex"] == index)
+
+
+async def test_addfdb_puts_the_namespace_mac_into_the_physical_nic(eip_agent, world, mn):
+    """addfdb + physicalNic (ZStack's SR-IOV VF NICs): a permanent ``self`` fdb entry for the
+    MAC of the namespace's VM-side end on that NIC, gone after delete. Without addfdb, or
+    with a NIC that does not exist, nothing is left behind."""
+    agent = await eip_agent()
+    nic = await asyncio.to_thread(world.add_nic, "pf")
+    body = world.eip(0, addfdb=True, physicalNic=nic)
+    mac = mac_for(body["eipUuid"], "vn")
+    reply = await agent.call_async(mn, APPLY, {"eip": body})
+    assert reply == {"success": True, "error": None}, reply
+    assert (mac, True) in await asyncio.to_thread(_fdb, nic)
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": {"eipUuid": body["eipUuid"]}}))["success"]
+    assert (mac, True) not in await asyncio.to_thread(_fdb, nic)
+    await assert_gone(world, agent, body)
+
+    plain = world.eip(0, addfdb=False, physicalNic=nic)
+    assert (await agent.call(APPLY, {"eip": plain}))["success"]
+    assert mac_for(plain["eipUuid"], "vn") not in [m for m, _ in await asyncio.to_thread(_fdb, nic)]
+    assert (await agent.call(DELETE, {"eip": plain}))["success"]
+
+    missing = world.eip(0, addfdb=True, physicalNic=f"{world.tag}nope")
+    reply = await agent.call_async(mn, APPLY, {"eip": missing})
+    assert reply["success"] is False and "physicalNic" in reply["error"], reply
+    await assert_gone(world, agent, missing)
+
+
+DOCKER_LOCK = "/tmp/kvmagent-docker.lock"
+DOCKERD_LOG = "/var/log/dockerd.log"
+
+
+def _restart_dockerd() -> None:
+    """Stop the running dockerd (SIGTERM, as its init would) and start it again as CI does;
+    returns once the engine answers."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    import psutil
+    procs = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
+    assert procs, "dockerd is not running on this host"
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for proc in alive:
+        proc.kill()
+    dockerd = shutil.which("dockerd", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin")
+    with open(DOCKERD_LOG, "ab") as log:
+        subprocess.Popen([dockerd], stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["docker", "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"dockerd did not come back; see {DOCKERD_LOG}")
+
+
+async def test_eip_carries_traffic_after_docker_restarts(eip_agent, world):
+    """dockerd restarted (it rewrites its FORWARD chains and policy): the EIP still carries
+    IPv4 and IPv6 traffic, its host rules are all there. Under the machine's docker lock."""
+    import fcntl
+    agent = await eip_agent(firewall_check=1.0)
+    v4, v6 = world.eip(0), world.eip6(1)
+    assert (await agent.call(BATCH_APPLY, {"eips": [v4, v6]}))["success"]
+    await traffic(world, v4)
+    with open(DOCKER_LOCK, "a") as lock:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        try:
+            await asyncio.to_thread(_restart_dockerd)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    await asyncio.sleep(2.5)         # two rounds of the agent's check
+    assert await asyncio.to_thread(host_forward_drops)       # docker's DROP is back
+    fw = (await asyncio.to_thread(world.leftovers))["iptables"]
+    assert sorted(fw[4]) == sorted(host_rules(world, v4)) and len(fw[6]) == 12, fw
+    await traffic(world, v4)
+    await traffic6(world, v6)
+    assert (await agent.call(BATCH_DELETE, {"eips": [v4, v6]}))["success"]
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left

@@ -327,11 +327,10 @@ def converge_fdb(spec: EipSpec, report: ApplyReport) -> None:
 
 def _fdb_holders(ipr: IPRoute, mac: str, ifindex: int | None = None) -> list[int]:
     """Indexes of the links whose own (``self``) fdb holds ``mac``."""
-    kwargs = {"ifindex": ifindex} if ifindex is not None else {}
     found = []
-    for entry in ipr.fdb("dump", **kwargs):
+    for entry in ipr.fdb("dump"):   # (a dump filtered by ifindex is EOPNOTSUPP on some links)
         if (entry.get("lladdr") == mac and entry["flags"] & NTF_SELF
-                and entry["ifindex"] not in found):
+                and ifindex in (None, entry["ifindex"]) and entry["ifindex"] not in found):
             found.append(entry["ifindex"])
     return found
 
