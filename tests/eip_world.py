@@ -182,6 +182,14 @@ class World:
                     netns.remove(name)
                 except OSError as exc:  # pragma: no cover
                     errors.append(exc)
+        # After a failed test the agent under test may have left its host FORWARD chain
+        # (its delete never ran): remove what carries this agent's own chain name only.
+        chain = chain_name(self.prefix)
+        for cmd in ("iptables", "ip6tables"):
+            while _run([cmd, "-w", "10", "-D", "FORWARD", "-j", chain], check=False).returncode == 0:
+                pass
+            _run([cmd, "-w", "10", "-F", chain], check=False)
+            _run([cmd, "-w", "10", "-X", chain], check=False)
         if errors:  # pragma: no cover
             print(f"world {self.tag}: clean-up errors: {errors}")
 
