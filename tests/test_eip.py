@@ -962,3 +962,33 @@ async def test_host_rules_rewritten_by_someone_else_are_put_back(tmp_path, monke
     await fw.remove(spec.eip_uuid)
     assert chains() == {"FORWARD": [["-j", "DOCKER-USER"]]}
     assert await fw.check() == []
+
+
+def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
+    """ZStack's rule (daemon.json "iptables": false before docker is started or installed):
+    a spawned dockerd gets --iptables=false, an init-started one a config file saying so;
+    an operator's own iptables setting, or a file that is not JSON, is left alone."""
+    import json
+
+    from kvmagent.core.config import AgentConfig
+    from kvmagent.host.docker_engine import keep_off_iptables, mentions_iptables, plan_start
+
+    config = AgentConfig(listen="127.0.0.1:0", state_dir=tmp_path / "s",
+                         models_root=tmp_path / "m")
+    assert plan_start(config, "/usr/sbin/dockerd", False, True).argv == \
+        ["/usr/sbin/dockerd", "--iptables=false"]
+    assert "--iptables=false" not in plan_start(config, "/usr/sbin/dockerd", True, True).argv
+
+    path = tmp_path / "etc" / "docker" / "daemon.json"
+    assert not mentions_iptables(path)
+    assert keep_off_iptables(path) == "created"
+    assert json.loads(path.read_text()) == {"iptables": False} and mentions_iptables(path)
+    assert keep_off_iptables(path) == "kept"
+    path.write_text(json.dumps({"log-driver": "json-file"}))
+    assert keep_off_iptables(path) == "added"
+    assert json.loads(path.read_text()) == {"log-driver": "json-file", "iptables": False}
+    path.write_text(json.dumps({"iptables": True}))
+    assert keep_off_iptables(path) == "kept"
+    assert json.loads(path.read_text()) == {"iptables": True}
+    path.write_text("{not json")
+    assert keep_off_iptables(path) == "unreadable" and path.read_text() == "{not json"
