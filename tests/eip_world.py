@@ -262,6 +262,102 @@ def host_forward_drops() -> bool:
     return bridged and "-P FORWARD DROP" in policy
 
 
+@dataclass
+class FirewallLab:
+    """A stand-in hypervisor *inside a namespace* (``<tag>-host``), for the host firewall
+    rules on either iptables backend without touching the real host's firewall::
+
+        <tag>-host: bridges pb, vb; FORWARD policy DROP (given backend); br_netfilter on
+          pb: <tag>a0 <-> client ns a1 (client address)   <names.pub_host> <-> eip ns pn
+          vb: <tag>v0 <-> vm ns v1 (nicIp, nicMac)          <names.vm_host>  <-> eip ns vn
+        eip ns: pn holds the VIP and ``extra`` (an address the rules must not open),
+                vn holds nicGateway
+
+    The "eip" namespace just answers on those addresses (no NAT): what is tested is which
+    bridged frames the lab host's FORWARD chain lets through."""
+
+    body: dict
+    names: Any
+    backend: str                     # "legacy" | "nft"
+    tag: str = field(default_factory=lambda: "f" + _rand(4))
+
+    @property
+    def host(self) -> str:
+        return f"{self.tag}-host"
+
+    def ns(self, role: str) -> str:
+        return f"{self.tag}-{role}"
+
+    def command(self, version: int) -> str:
+        return f"{'iptables' if version == 4 else 'ip6tables'}-{self.backend}"
+
+    @property
+    def v6(self) -> bool:
+        return self.body.get("ipVersion") == 6
+
+    @property
+    def client_ip(self) -> str:
+        return CLIENT_IP6 if self.v6 else CLIENT_IP
+
+    @property
+    def extra(self) -> str:
+        return vip6_of(99) if self.v6 else vip_of(99)
+
+    def build(self) -> FirewallLab:
+        b, plen = self.body, 64 if self.v6 else 24
+        for name in (self.host, self.ns("client"), self.ns("eip"), self.ns("vm")):
+            netns.create(name)
+        with IPRoute(netns=self.host, flags=0) as h:
+            for br in ("pb", "vb"):
+                h.link("add", ifname=br, kind="bridge")
+                h.link("set", index=h.link_lookup(ifname=br)[0], state="up")
+        ns_run(self.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1",
+               "net.bridge.bridge-nf-call-ip6tables=1")
+        for version in (4, 6):
+            ns_run(self.host, self.command(version), "-w", "10", "-P", "FORWARD", "DROP")
+        self._port(f"{self.tag}a0", "pb", self.ns("client"), "a1", [self.client_ip], plen)
+        self._port(self.names.pub_host, "pb", self.ns("eip"), "pn", [b["vip"], self.extra], plen)
+        self._port(self.names.vm_host, "vb", self.ns("eip"), "vn", [b["nicGateway"]], plen)
+        self._port(f"{self.tag}v0", "vb", self.ns("vm"), "v1", [b["nicIp"]], plen,
+                   mac=b["nicMac"])
+        return self
+
+    def _port(self, outer: str, bridge: str, ns_name: str, inner: str, addrs: list[str],
+              plen: int, mac: str | None = None) -> None:
+        for name in (ns_name,):
+            for key in ("all.accept_dad", "default.accept_dad"):
+                ns_run(name, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}=0")
+        with IPRoute(netns=self.host, flags=0) as h:
+            peer: dict[str, Any] = {"ifname": inner, "net_ns_fd": ns_name}
+            if mac:
+                peer["address"] = mac
+            h.link("add", ifname=outer, kind="veth", peer=peer)
+            h.link("set", index=h.link_lookup(ifname=outer)[0],
+                   master=h.link_lookup(ifname=bridge)[0], state="up")
+        with IPRoute(netns=ns_name, flags=0) as ns:
+            idx = ns.link_lookup(ifname=inner)[0]
+            ns.link("set", index=idx, state="up")
+            for address in addrs:
+                ns.addr("add", index=idx, address=address, prefixlen=plen,
+                        flags=IFA_F_NODAD if ":" in address else 0)
+
+    def passes(self, server_role: str, server_ip: str, client_role: str, port: int) -> bool:
+        """Does TCP from ``client_role`` to ``server_ip`` in ``server_role`` get through?"""
+        try:
+            tcp_exchange(self.ns(server_role), server_ip, self.ns(client_role), server_ip,
+                         port, timeout=1.5)
+        except OSError:
+            return False
+        return True
+
+    def destroy(self) -> None:
+        for name in (self.host, self.ns("client"), self.ns("eip"), self.ns("vm")):
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+
+
 # ----- traffic, from sockets created inside the namespaces --------------------------------
 def ns_socket(ns_name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
     return netns.create_socket(ns_name, family, kind, proto, flags=0)

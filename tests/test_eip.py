@@ -12,7 +12,7 @@ from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
-from kvmagent.eip.hostfw import chain_name
+from kvmagent.eip.hostfw import HostFirewall, chain_name
 from kvmagent.eip.naming import Names, mac_for
 from kvmagent.eip.spec import EipSpec
 from kvmagent.ha.fencer import HOOK_VMS_KILLED
@@ -20,6 +20,7 @@ from kvmagent.ha.fencer import HOOK_VMS_KILLED
 from .eip_world import (
     CLIENT_IP,
     CLIENT_IP6,
+    FirewallLab,
     World,
     arp_ask,
     host_forward_drops,
@@ -876,94 +877,6 @@ async def test_eip_carries_traffic_after_docker_restarts(eip_agent, world):
     assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
 
 
-FAKE_IPTABLES = r'''#!/usr/bin/env python3
-"""A stand-in for iptables (unit test only): chains and rules in a JSON file."""
-import json, os, sys
-path = os.environ["FAKE_IPTABLES_STATE"] + "." + os.path.basename(sys.argv[0])
-state = json.load(open(path)) if os.path.exists(path) else {"FORWARD": []}
-args = sys.argv[1:]
-if args[:1] == ["-w"]:
-    args = args[2:]
-op, chain, rest = args[0], args[1] if len(args) > 1 else "", args[2:]
-if op == "-n":
-    op, chain = args[1], args[2]
-rc = 0
-if op == "-L":
-    rc = 0 if chain in state else 1
-elif op == "-N":
-    rc = 1 if chain in state else 0
-    state.setdefault(chain, [])
-elif op == "-X":
-    rc = 0 if state.pop(chain, None) is not None else 1
-elif op == "-F":
-    rc = 0 if chain in state else 1
-    state[chain] = [] if chain in state else None
-elif op in ("-C", "-D"):
-    rc = 0 if rest in state.get(chain, []) else 1
-    if op == "-D" and rc == 0:
-        state[chain].remove(rest)
-elif op == "-A":
-    state[chain].append(rest)
-elif op == "-I":
-    state[chain].insert(int(rest[0]) - 1, rest[1:])
-elif op == "-S":
-    rc = 0 if chain in state else 1
-    if rc == 0:
-        print(f"-N {chain}")
-        for rule in state[chain]:
-            print(" ".join(["-A", chain, *rule]))
-state = {k: v for k, v in state.items() if v is not None}
-json.dump(state, open(path, "w"))
-sys.exit(rc)
-'''
-
-
-async def test_host_rules_rewritten_by_someone_else_are_put_back(tmp_path, monkeypatch):
-    """Unit test of HostFirewall.check with a stand-in iptables (the real one is the host's,
-    which no test may rewrite): a flushed FORWARD (firewall reload) and a flushed chain are
-    put back; the last removal leaves nothing; a second add is one copy."""
-    import json
-    import os
-
-    from kvmagent.eip.hostfw import HostFirewall
-
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for name in ("iptables", "ip6tables"):
-        (bindir / name).write_text(FAKE_IPTABLES)
-        (bindir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_IPTABLES_STATE", str(tmp_path / "state"))
-    state4 = tmp_path / "state.iptables"
-
-    def chains() -> dict:
-        return json.loads(state4.read_text())
-
-    fw = HostFirewall("tfw")
-    world = World(prefix="tfw")
-    body = world.eip(0)
-    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()})
-    names = Names.of("tfw", body["eipUuid"])
-    await fw.add(spec, names)
-    await fw.add(spec, names)
-    good = chains()
-    assert good["FORWARD"] == [["-j", "KVMAGENT-TFW"]] and len(good["KVMAGENT-TFW"]) == 4
-    assert await fw.check() == []
-
-    state4.write_text(json.dumps({"FORWARD": [["-j", "DOCKER-USER"]]}))   # reloaded
-    assert await fw.check() == [4]
-    now = chains()
-    assert now["FORWARD"] == [["-j", "KVMAGENT-TFW"], ["-j", "DOCKER-USER"]]
-    assert now["KVMAGENT-TFW"] == good["KVMAGENT-TFW"]
-
-    state4.write_text(json.dumps(dict(now, **{"KVMAGENT-TFW": now["KVMAGENT-TFW"][:1]})))
-    assert await fw.check() == [4] and chains() == now and fw.rebuilds == 2
-
-    await fw.remove(spec.eip_uuid)
-    assert chains() == {"FORWARD": [["-j", "DOCKER-USER"]]}
-    assert await fw.check() == []
-
-
 def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
     """ZStack's rule (daemon.json "iptables": false before docker is started or installed):
     a spawned dockerd gets --iptables=false, an init-started one a config file saying so;
@@ -992,3 +905,41 @@ def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
     assert json.loads(path.read_text()) == {"iptables": True}
     path.write_text("{not json")
     assert keep_off_iptables(path) == "unreadable" and path.read_text() == "{not json"
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("version", [4, 6])
+async def test_host_rules_open_only_the_eips_traffic_on_either_backend(world, backend, version):
+    """The host rules against a real kernel and real iptables of either backend, in a lab
+    host namespace with FORWARD policy DROP and br_netfilter on (not the machine's firewall):
+    before, nothing passes; after, the public side reaches the VIP and the VM reaches its
+    gateway, but not another address behind the same port; a flushed FORWARD is put back by
+    check(); removal closes it again and leaves no chain."""
+    body = world.eip6(0) if version == 6 else world.eip(0)
+    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()} | {"ip_version": version})
+    lab = FirewallLab(body, _names(world, body), backend)
+    try:
+        await asyncio.to_thread(lab.build)
+        fw = HostFirewall(world.prefix, netns=lab.host,
+                          commands={4: lab.command(4), 6: lab.command(6)})
+
+        async def paths() -> tuple[bool, bool, bool]:
+            return (await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7801),
+                    await asyncio.to_thread(lab.passes, "eip", body["nicGateway"], "vm", 7802),
+                    await asyncio.to_thread(lab.passes, "eip", lab.extra, "client", 7803))
+
+        assert await paths() == (False, False, False)
+        await fw.add(spec, lab.names)
+        assert await paths() == (True, True, False)
+        await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10",
+                                "-F", "FORWARD")                       # a firewall reload
+        assert await paths() == (False, False, False)
+        assert await fw.check() == [version]
+        assert await paths() == (True, True, False)
+        await fw.remove(spec.eip_uuid)
+        assert await paths() == (False, False, False)
+        listed = await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10",
+                                         "-S")
+        assert chain_name(world.prefix) not in listed.stdout.decode()
+    finally:
+        await asyncio.to_thread(lab.destroy)

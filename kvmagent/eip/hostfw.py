@@ -87,8 +87,13 @@ def rules_for(spec: EipSpec, names: Names) -> list[Rule]:
 class HostFirewall:
     """The accept rules of one agent's EIPs in the host's iptables/ip6tables FORWARD."""
 
-    def __init__(self, prefix: str, *, timeout: float = 15.0, enabled: bool = True):
+    def __init__(self, prefix: str, *, timeout: float = 15.0, enabled: bool = True,
+                 commands: dict[int, str] | None = None, netns: str | None = None):
+        """``commands``/``netns`` (tests): other iptables commands (iptables-legacy), run
+        inside another network namespace than the host's."""
         self.chain = chain_name(prefix)
+        self.commands = dict(commands or COMMANDS)
+        self._enter = ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
         self.timeout = timeout
         self.enabled = enabled
         self.wanted: dict[int, dict[str, list[Rule]]] = {4: {}, 6: {}}
@@ -100,28 +105,31 @@ class HostFirewall:
         self._base_ok: set[int] = set()
 
     def _command(self, version: int) -> str | None:
-        cmd = shutil.which(COMMANDS[version])
+        cmd = shutil.which(self.commands[version])
         if cmd is None and version not in self._missing_logged:
             self._missing_logged.add(version)
             log.warning("no %s command on this host: EIP traffic is not let through the "
                         "host's FORWARD chain (nothing to let through if there is none)",
-                        COMMANDS[version])
+                        self.commands[version])
         return cmd
+
+    def _argv(self, cmd: str, *args: str) -> list[str]:
+        return [*self._enter, cmd, "-w", "10", *args]
 
     async def _run(self, version: int, *args: str) -> bool:
         cmd = self._command(version)
         if cmd is None:
             return True
-        result = await run_process([cmd, "-w", "10", *args], timeout=self.timeout)
+        result = await run_process(self._argv(cmd, *args), timeout=self.timeout)
         return result.ok
 
     async def _must(self, version: int, *args: str) -> None:
         cmd = self._command(version)
         if cmd is None:
             return
-        result = await run_process([cmd, "-w", "10", *args], timeout=self.timeout)
+        result = await run_process(self._argv(cmd, *args), timeout=self.timeout)
         if not result.ok:
-            raise AgentError(f"host firewall ({COMMANDS[version]} {' '.join(args[:2])} "
+            raise AgentError(f"host firewall ({self.commands[version]} {' '.join(args[:2])} "
                              f"{self.chain}): {result.describe()}")
 
     # ----- per EIP ----------------------------------------------------------------------
@@ -205,7 +213,7 @@ class HostFirewall:
                 self._base_ok.discard(version)
                 log.warning("EIP rules in the host's %s FORWARD chain were changed by someone "
                             "else (docker restarted? firewall reloaded?); putting them back",
-                            COMMANDS[version])
+                            self.commands[version])
                 await self._rebuild(version, eips)
                 rebuilt.append(version)
                 self.rebuilds += 1
@@ -216,7 +224,7 @@ class HostFirewall:
             return False
         cmd = self._command(version)
         assert cmd is not None
-        listed = await run_process([cmd, "-w", "10", "-S", self.chain], timeout=self.timeout)
+        listed = await run_process(self._argv(cmd, "-S", self.chain), timeout=self.timeout)
         if not listed.ok:
             return False
         # "-S" prints the "-N" line and one "-A" line per rule: compare the counts only.
