@@ -4,7 +4,8 @@ Baseline, measured in the same run on the same namespace world: the same mechani
 (``kvmagent.eip`` netlink + sysctl + nft + host firewall steps) for the same 50 EIPs done directly, one
 after the other, without the agent (no HTTP, no locks, no records, no parallelism). The
 ratio shows what the agent's bounded parallel batch buys over that. Also: one EIP re-applied
-50 times through the agent (the idempotent "repair" path) and a batch with ARP probes on.
+50 times through the agent (the idempotent "repair" path), a batch with ARP probes on, and
+a batch without the host FORWARD rules (``host_firewall=False``): what those rules cost.
 """
 from __future__ import annotations
 
@@ -108,6 +109,27 @@ async def _bench(world: World) -> dict[str, object]:
                 COUNT / (time.perf_counter() - started))
             await call("/flatnetworkprovider/eip/batchdelete", {"eips": checked})
             assert (await asyncio.to_thread(world.leftovers)) == NOTHING
+        finally:
+            await client.close()
+        # The same batch without the host FORWARD rules (a host where nothing drops bridged
+        # traffic would not need them): what they cost.
+        config = AgentConfig(listen="127.0.0.1:0", state_dir=Path(tmp) / "state-nofw",
+                             models_root=Path(tmp) / "models")
+        app = create_app(config, [make_plugin(prefix=world.prefix, parallel=PARALLEL,
+                                              host_firewall=False)])
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            for path, key in (("batchapply", "apply"), ("batchdelete", "delete")):
+                started = time.perf_counter()
+                resp = await client.post(f"/flatnetworkprovider/eip/{path}", json={"eips": bodies})
+                assert resp.status == 200 and (await resp.json())["success"]
+                figures[f"agent_batch_{key}_without_host_rules_eips_per_s"] = (
+                    COUNT / (time.perf_counter() - started))
+            assert (await asyncio.to_thread(world.leftovers)) == NOTHING
+            figures["ratio_batch_apply_with_vs_without_host_rules"] = (
+                figures["agent_batch_apply_eips_per_s"]
+                / figures["agent_batch_apply_without_host_rules_eips_per_s"])
         finally:
             await client.close()
     return figures

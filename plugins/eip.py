@@ -202,10 +202,8 @@ def make_plugin(prefix: str = DEFAULT_PREFIX, **settings) -> Plugin:
             await manager.delete_vms(vm_uuids)
 
         ctx.add_hook(HOOK_VMS_KILLED, vms_killed)
-        if manager.records:
-            ctx.spawn(manager.restore(), "eip restore")
-        else:
-            manager.restored.set()
+        # Also without records: a chain left in the host firewall by a lost state dir goes.
+        ctx.spawn(manager.restore(), "eip restore")
         if config.host_firewall and config.firewall_check > 0:
             ctx.spawn(manager.firewall.watch(config.firewall_check), "eip host firewall check")
 

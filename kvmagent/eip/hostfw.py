@@ -133,27 +133,28 @@ class HostFirewall:
                              f"{self.chain}): {result.describe()}")
 
     # ----- per EIP ----------------------------------------------------------------------
-    async def add(self, spec: EipSpec, names: Names) -> None:
+    async def add(self, spec: EipSpec, names: Names, *, fresh: bool = False) -> None:
         """Let this EIP's traffic through (idempotent); its rules in the other IP version
-        (a re-apply that changed ipVersion) go."""
+        (a re-apply that changed ipVersion) go. ``fresh``: the EIP is new to this agent, so
+        its rules are appended without looking for them first (a copy left by an agent that
+        lost its state makes the count wrong, and :meth:`check` rebuilds the chain)."""
         if not self.enabled:
             return
+        version = spec.ip_version
         rules = rules_for(spec, names)
         async with self._lock:
-            other = 6 if spec.ip_version == 4 else 4
+            other = 6 if version == 4 else 4
             if spec.eip_uuid in self.wanted[other]:
                 await self._remove_locked(other, spec.eip_uuid)
-            old = self.wanted[spec.ip_version].get(spec.eip_uuid, [])
-            self.wanted[spec.ip_version][spec.eip_uuid] = rules
-            await self._ensure_base(spec.ip_version)
-            for rule in old:
+            old = self.wanted[version].get(spec.eip_uuid)
+            self.wanted[version][spec.eip_uuid] = rules
+            await self._ensure_base(version)
+            for rule in old or []:
                 if rule not in rules:
-                    await self._delete_rule(spec.ip_version, rule)
+                    await self._delete_rule(version, rule)
             for rule in rules:
-                if not await self._run(spec.ip_version, "-C", self.chain,
-                                       *rule.argv(spec.ip_version)):
-                    await self._must(spec.ip_version, "-A", self.chain,
-                                     *rule.argv(spec.ip_version))
+                if fresh or not await self._run(version, "-C", self.chain, *rule.argv(version)):
+                    await self._must(version, "-A", self.chain, *rule.argv(version))
 
     async def remove(self, eip_uuid: str, spec: EipSpec | None = None,
                      names: Names | None = None) -> None:
@@ -175,9 +176,8 @@ class HostFirewall:
             await self._drop_base(version)
 
     async def _delete_rule(self, version: int, rule: Rule) -> None:
-        for _ in range(8):   # a copy added by hand (or twice by a crash) goes too
-            if not await self._run(version, "-D", self.chain, *rule.argv(version)):
-                return
+        # One copy; a second one (left by a crash) makes the count wrong and check() rebuilds.
+        await self._run(version, "-D", self.chain, *rule.argv(version))
 
     # ----- chain and jump ---------------------------------------------------------------
     async def _ensure_base(self, version: int) -> None:
@@ -199,14 +199,22 @@ class HostFirewall:
             await self._run(version, "-X", self.chain)
 
     # ----- keeping it there -------------------------------------------------------------
-    async def check(self) -> list[int]:
-        """Rebuild what someone else removed or changed; the IP versions rebuilt."""
+    async def check(self, *, orphans: bool = False) -> list[int]:
+        """Rebuild what someone else removed or changed; the IP versions rebuilt. With
+        ``orphans`` (start-up, sync) the chain of a version without EIPs (left by a lost
+        state directory) is removed too."""
         if not self.enabled:
             return []
         rebuilt = []
         async with self._lock:
             for version, eips in self.wanted.items():
-                if not eips or self._command(version) is None:
+                if self._command(version) is None:
+                    continue
+                if not eips:
+                    if orphans and await self._run(version, "-n", "-L", self.chain):
+                        log.warning("removing the %s chain %s: no EIP of this agent needs "
+                                    "it", self.commands[version], self.chain)
+                        await self._drop_base(version)
                     continue
                 if await self._intact(version, eips):
                     continue

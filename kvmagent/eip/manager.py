@@ -265,7 +265,7 @@ class EipManager:
         report = netlink.ApplyReport()
         await self._save(spec, "applying", was_applied)
         try:
-            await self._converge(spec, names, report)
+            await self._converge(spec, names, report, fresh=previous is None)
         except (StepAbandoned, asyncio.CancelledError) as exc:
             log.error("apply of EIP %s abandoned (%s); no rollback, the record stays "
                       "'applying' for the next apply or sync", spec.eip_uuid,
@@ -278,14 +278,15 @@ class EipManager:
         await self._save(spec, "applied", True)
         return report
 
-    async def _converge(self, spec: EipSpec, names: Names, report: netlink.ApplyReport) -> None:
+    async def _converge(self, spec: EipSpec, names: Names, report: netlink.ApplyReport, *,
+                        fresh: bool = False) -> None:
         await self._blocking(lambda abort: netlink.prepare(spec, names, report, abort=abort),
                              f"prepare namespace {names.netns}")
         await nft.set_sysctls(names, timeout=self.settings.process_timeout,
                               ip_version=spec.ip_version)
         await nft.apply_ruleset(names, nft.build_ruleset(spec, names),
                                 timeout=self.settings.process_timeout)
-        await self.firewall.add(spec, names)
+        await self.firewall.add(spec, names, fresh=fresh)
         await self._blocking(
             lambda abort: netlink.converge_links(spec, names, report, abort=abort,
                                                  arp_timeout=self.settings.arp_timeout),
@@ -428,7 +429,7 @@ class EipManager:
         try:
             outcome, failures = await self._settle_all("restore")
             outcome["failed"] = [f.eip_uuid for f in failures]
-            await self.firewall.check()   # rules of EIPs deleted while we were down go
+            await self.firewall.check(orphans=True)   # rules of EIPs deleted while down go
             log.info("EIP restore: %s", {k: len(v) for k, v in outcome.items()})
             return outcome
         finally:
@@ -461,7 +462,7 @@ class EipManager:
             outcome, failures = await self._settle_all("repair")
             repaired = sorted(outcome["repaired"])
             failed += failures
-        await self.firewall.check()
+        await self.firewall.check(orphans=remove_orphans)
         return {"eips": self.applied(), "orphans_removed": sorted(removed),
                 "repaired": repaired, "failed": failed}
 
