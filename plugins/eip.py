@@ -22,13 +22,17 @@ object from the MN still deletes (other fields are ignored, even if they would b
     Reply: ``eips`` (uuids this agent has applied), ``orphansRemoved`` (names),
     ``repaired`` (uuids that needed a change), ``failedEips``.
 
-EIP fields: ``eipUuid, vmUuid, vip, vipNetmask, vipGateway, publicBridgeName, nicUuid, nicMac,
-nicIp, nicNetmask, nicGateway, vmBridgeName, skipArpCheck?`` (default false: before the VIP is
-first put up, an ARP probe on the public bridge fails the apply when another MAC holds it).
-Netmasks are dotted (a prefix length is accepted too).
+EIP fields (ZStack's ``FlatEipBackend.EipTO``): ``eipUuid, vmUuid, ipVersion? (4), vip,
+vipNetmask, vipPrefixLen, vipGateway, publicBridgeName, nicUuid, nicMac, nicIp, nicNetmask,
+nicPrefixLen, nicGateway, vmBridgeName, skipArpCheck? (false), addfdb? (false), physicalNic?``;
+``vipUuid`` and ``nicName`` are read and not needed. IPv4 takes the dotted netmasks (a prefix
+length as fallback), IPv6 the prefix lengths (the netmask as fallback). skipArpCheck false:
+before an IPv4 VIP is first put up, an ARP probe on the public bridge fails the apply when
+another MAC holds it. addfdb + physicalNic: the namespace's VM-side MAC in that NIC's fdb.
 
 Start-up: records of applied EIPs (state ``eips/<eipUuid>``) are loaded and each EIP is
-checked and repaired in the background. The ``selffencer.vms_killed`` hook deletes the EIPs of
+checked and repaired in the background, its accept rules in the host's FORWARD chain included
+(:mod:`kvmagent.eip.hostfw`; checked again every ``firewall_check`` seconds). The ``selffencer.vms_killed`` hook deletes the EIPs of
 the VMs the HA self-fencer killed. Mechanisms live in :mod:`kvmagent.eip`.
 """
 from __future__ import annotations
