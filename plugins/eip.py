@@ -33,7 +33,8 @@ another MAC holds it. addfdb + physicalNic: the namespace's VM-side MAC in that 
 Start-up: records of applied EIPs (state ``eips/<eipUuid>``) are loaded and each EIP is
 checked and repaired in the background, its accept rules in the host's FORWARD chain included
 (:mod:`kvmagent.eip.hostfw`; checked again every ``firewall_check`` seconds). The
-``selffencer.vms_killed`` hook deletes the EIPs of the VMs the HA self-fencer killed. Mechanisms live in :mod:`kvmagent.eip`.
+``selffencer.vms_killed`` hook deletes the EIPs of the VMs the HA self-fencer killed.
+Mechanisms live in :mod:`kvmagent.eip`.
 """
 from __future__ import annotations
 
