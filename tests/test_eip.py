@@ -943,3 +943,23 @@ async def test_host_rules_open_only_the_eips_traffic_on_either_backend(world, ba
         assert chain_name(world.prefix) not in listed.stdout.decode()
     finally:
         await asyncio.to_thread(lab.destroy)
+
+
+async def test_start_up_removes_host_rules_no_record_needs(eip_agent, world, make_agent, tmp_path):
+    """An agent that lost its state dir left its host chain behind: the next start-up
+    (no record needs it) removes it; a later apply builds it again."""
+    first = await eip_agent()
+    body = world.eip(0)
+    assert (await first.call(APPLY, {"eip": body}))["success"]
+    assert len((await asyncio.to_thread(world.leftovers))["iptables"][4]) == 4
+    await first.client.close()
+    second = await make_agent(plugins=[make_plugin(prefix=world.prefix)],
+                              state_dir=tmp_path / "fresh-state")
+    await asyncio.wait_for(manager(second).restored.wait(), 30)
+    assert (await asyncio.to_thread(world.leftovers))["iptables"] == {4: None, 6: None}
+    sync = await second.call(SYNC, {})                 # the namespace goes with sync
+    assert sync["success"] and f"netns {_names(world, body).netns}" in sync["orphansRemoved"]
+    assert (await second.call(APPLY, {"eip": body}))["success"]
+    await traffic(world, body)
+    assert (await second.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, second, body)
