@@ -147,3 +147,15 @@ async def test_enable_ha_commands_refuse_another_hosts_uuid(make_agent, mn, test
     ours = await mn_async(agent, mn, "/host/vm/reconcileEnableHa/live",
                           {"hostUuid": HOST, "haEnabledVmUuids": [test_vms[1]]}, HOST)
     assert ours["success"] is True and ours["enabled"] == [test_vms[1]]
+
+
+async def test_commands_for_another_host_change_nothing(connected, mn, nfs_like):
+    other = {**setup_cmd(str(nfs_like)), "hostUuid": VM}
+    reply = await mn_async(connected, mn, "/ha/selffencer/setup", other, VM)
+    assert reply["success"] is False and "is not this host" in reply["error"]
+    assert (await connected.call("/ha/selffencer/state"))["fencers"] == []
+    await mn_async(connected, mn, "/ha/selffencer/setup", setup_cmd(str(nfs_like)), HOST)
+    cancel = {"hostUuid": VM, "mountPoints": [], "psUuids": [PS]}
+    refused = await mn_async(connected, mn, "/ha/selffencer/cancel", cancel, VM)
+    assert refused["success"] is False
+    assert [f["psUuid"] for f in (await connected.call("/ha/selffencer/state"))["fencers"]] == [PS]
