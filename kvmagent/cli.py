@@ -81,8 +81,9 @@ async def serve(config) -> None:
     sdnotify.notify("READY=1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    isolate_forked_children()
     watchdog = None
     interval = sdnotify.watchdog_interval()
     if interval:
@@ -93,6 +94,28 @@ async def serve(config) -> None:
     if watchdog:
         watchdog.cancel()
     await runner.cleanup()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_fork_hook_installed = False
+
+
+def isolate_forked_children() -> None:
+    """A child forked from the agent (pyroute2's netns helper forks to create a socket in a
+    namespace) must not stop the agent. It inherits the event loop's signal handling: the C
+    handler writes the signal number into the wakeup socket, which is the *agent's*, so a
+    SIGTERM sent to stop the helper reads as one sent to the agent. The child gets default
+    signal handling and no wakeup fd the moment it exists."""
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_forget_agent_signals)
+        _fork_hook_installed = True
+
+
+def _forget_agent_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def call_main(args: argparse.Namespace) -> int:
