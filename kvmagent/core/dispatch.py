@@ -38,6 +38,9 @@ def failure(message: str, status: int = 200) -> Outcome:
     return Outcome({"success": False, "error": message}, status)
 
 
+MAX_DEPTH = 64  # ZStack's deepest command (a VM start) nests under 10 levels
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
@@ -45,9 +48,26 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
+    if _too_deep(data):
+        # Deeper documents would reach recursive code (validation, log masking) at its limit.
+        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels")
     return data
+
+
+def _too_deep(data: Any) -> bool:
+    """Iterative (a recursive walk would fail on the very input it guards against)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -5,9 +5,13 @@ import hmac
 import json
 import logging
 import ssl
+
+import aiohttp
+import aiohttp.http_exceptions
 from typing import Iterable
 
 from aiohttp import web
+from yarl import URL
 
 from .config import AgentConfig
 from .context import AgentContext
@@ -91,7 +95,12 @@ async def command_handler(request: web.Request) -> web.Response:
         return reply(failure(f"no such command: {path}").body, 404)
     if request.method not in cmd.methods:
         return reply(failure(f"{path} takes {'/'.join(cmd.methods)}, not {request.method}").body, 405)
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        # The client hung up mid-body: nothing to run and nobody to answer; no traceback.
+        log.info("%s: request body not received (%s: %s); ignored", path, type(exc).__name__, exc)
+        raise ClientGone() from None
     taskuuid = request.headers.get("taskuuid")
     callbackurl = request.headers.get("callbackurl")
 
@@ -101,12 +110,32 @@ async def command_handler(request: web.Request) -> web.Response:
         if not taskuuid or not valid_taskuuid(taskuuid):
             return reply(failure("header 'taskuuid' is required with 'callbackurl' and must be "
                                  "1-128 characters of [A-Za-z0-9._-]").body, 400)
-        tasks.accept(cmd, raw, taskuuid, callbackurl,
-                     resource=request.headers.get("X-Resource-UUID"))
+        problem = callback_url_problem(callbackurl)
+        if problem:  # refused now, rather than retried for the whole delivery window
+            return reply(failure(f"header 'callbackurl' {problem}").body, 400)
+        await tasks.accept(cmd, raw, taskuuid, callbackurl,
+                           resource=request.headers.get("X-Resource-UUID"))
         return reply({"success": True, "error": None})
 
     outcome = await execute(ctx, cmd, raw, taskuuid, request.headers.get("X-Resource-UUID"))
     return reply(outcome.body, outcome.status)
+
+
+class ClientGone(Exception):
+    """The client went away before its request was complete."""
+
+
+def callback_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot take a callback, or None (an absolute http(s) URL with a host)."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        return f"is not a URL ({exc})"
+    if parsed.scheme not in ("http", "https"):
+        return f"must be an http:// or https:// URL, not {url[:80]!r}"
+    if not parsed.host:
+        return f"has no host: {url[:80]!r}"
+    return None
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
@@ -127,6 +156,8 @@ async def envelope_errors(request: web.Request, handler):
         if exc.content_type == "application/json":
             raise
         return reply(failure(exc.reason or "error").body, exc.status)
+    except ClientGone:
+        return web.Response(status=400)  # aiohttp cannot send it: the connection is gone
     except Exception:
         log.exception("unhandled error serving %s", request.path)
         return reply(failure("internal error; see the agent log").body, 500)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from ..core.context import AgentContext
+from ..core.state import conforms
 from .inventory import VmInventory
 from .killer import kill_vm
 from .probe import StorageProbe
@@ -206,7 +207,7 @@ class FencerManager:
         self._refresher: asyncio.Task | None = None
 
     async def restore(self) -> None:
-        docs = self.ctx.state.load(STATE_DOC, []) or []
+        docs = self.ctx.state.load(STATE_DOC, [], check=conforms(list[FencerConfig])) or []
         self._restored_disconnected = {d["ps_uuid"] for d in docs if d.pop("disconnected", False)}
         configs = [FencerConfig(**doc) for doc in docs]
         if configs:

@@ -12,9 +12,12 @@ import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel
+
 from ..core.context import AgentContext
 from ..core.errors import AgentError
 from ..core.lazy import lazy_import
+from ..core.state import conforms
 
 pyroute2 = lazy_import("pyroute2")  # loaded when the first network group is watched
 
@@ -33,6 +36,11 @@ class Group:
     resources: dict[str, int]  # ifname -> weight
 
 
+class StoredConfig(BaseModel):
+    groups: list[Group]
+    vmGroups: dict[str, list[str]]
+
+
 @dataclass
 class Config:
     groups: dict[str, Group] = field(default_factory=dict)
@@ -40,6 +48,11 @@ class Config:
 
     def to_doc(self) -> dict:
         return {"groups": [asdict(g) for g in self.groups.values()], "vmGroups": self.vm_groups}
+
+    @classmethod
+    def stored(cls, doc: object) -> Config:
+        """From the state document; ValueError when it has another shape (set aside)."""
+        return cls.from_doc(conforms(StoredConfig)(doc))
 
     @classmethod
     def from_doc(cls, doc: dict) -> Config:
@@ -66,9 +79,9 @@ class NetworkGroupMonitor:
 
     # -- configuration -----------------------------------------------------------------------
     async def restore(self) -> None:
-        doc = self.ctx.state.load(STATE_DOC)
-        if doc and doc.get("groups"):
-            self.config = Config.from_doc(doc)
+        config = self.ctx.state.load(STATE_DOC, check=Config.stored)  # wrong shape: aside
+        if config is not None and config.groups:
+            self.config = config
             try:
                 await self._ensure_watching()
             except TimeoutError:  # keep starting: fencers and VMs matter more; it keeps trying

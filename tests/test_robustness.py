@@ -1,0 +1,217 @@
+"""Issue 14: exactly one callback per taskuuid, state files of any content, hostile input.
+
+Async requests are sent as ZStack's RESTFacadeImpl.asyncJsonPost sends them: headers
+``taskuuid`` and ``callbackurl``, the command as the JSON body (see ZSTACK-WIRE.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kvmagent.core.server import create_app
+
+from .conftest import agent_config
+from .test_daemon import free_port
+from .test_framework import make_test_plugin
+
+
+@pytest.fixture
+def runs() -> list[str]:
+    return []
+
+
+def headers(mn, taskuuid: str) -> dict[str, str]:
+    return {"taskuuid": taskuuid, "callbackurl": mn.callback_url}
+
+
+ACK = (200, {"success": True, "error": None})
+
+
+# -- item 5: taskuuid is an idempotency key ---------------------------------------------------
+async def test_twenty_concurrent_sends_of_one_taskuuid_run_once_and_call_back_once(
+        make_agent, mn, runs):
+    gate = asyncio.Event()
+    agent = await make_agent(plugins=[make_test_plugin(runs, gate)])
+    replies = await asyncio.gather(*(
+        agent.post("/test/async", {"vmInstanceUuid": "once"}, headers=headers(mn, "t-20"))
+        for _ in range(20)))
+    assert replies == [ACK] * 20
+    gate.set()
+    assert (await mn.wait_callback("t-20"))["vmInstanceUuid"] == "once"
+    assert await agent.ctx.outbox.drain(5)
+    assert runs == ["once"]
+    assert len(mn.callbacks_for("t-20")) == 1
+
+
+async def test_a_resend_after_completion_is_acknowledged_but_neither_run_nor_answered(
+        make_agent, mn, runs, caplog):
+    caplog.set_level(logging.INFO)
+    agent = await make_agent(plugins=[make_test_plugin(runs)])
+    assert (await agent.call_async(mn, "/test/async", {"vmInstanceUuid": "a"},
+                                   taskuuid="t-again"))["success"]
+    assert await agent.ctx.outbox.drain(5)
+    assert await agent.post("/test/async", {"vmInstanceUuid": "a"},
+                            headers=headers(mn, "t-again")) == ACK
+    await asyncio.sleep(0.2)
+    assert await agent.ctx.outbox.drain(5)
+    assert runs == ["a"] and len(mn.callbacks_for("t-again")) == 1
+    assert any("t-again already done; acknowledged, not run again" in r.getMessage()
+               for r in caplog.records)
+
+    # The done log outlives the agent.
+    await agent.client.close()
+    restarted = await make_agent(plugins=[make_test_plugin(runs)])
+    assert await restarted.post("/test/async", {"vmInstanceUuid": "a"},
+                                headers=headers(mn, "t-again")) == ACK
+    await asyncio.sleep(0.2)
+    assert await restarted.ctx.outbox.drain(5)
+    assert runs == ["a"] and len(mn.callbacks_for("t-again")) == 1
+
+
+async def test_a_task_cut_by_a_restart_is_answered_once_and_a_resend_does_not_run_it(
+        make_agent, mn, runs):
+    gate = asyncio.Event()  # never set: the task is running when the agent stops
+    first = await make_agent(plugins=[make_test_plugin(runs, gate)])
+    assert await first.post("/test/async", {"vmInstanceUuid": "cut"},
+                            headers=headers(mn, "t-cut")) == ACK
+    await asyncio.sleep(0.1)
+    await first.client.close()
+
+    second = await make_agent(plugins=[make_test_plugin(runs)])
+    assert "agent restarted" in (await mn.wait_callback("t-cut"))["error"]
+    assert await second.post("/test/async", {"vmInstanceUuid": "cut"},
+                             headers=headers(mn, "t-cut")) == ACK
+    await asyncio.sleep(0.2)
+    assert await second.ctx.outbox.drain(5)
+    assert runs == ["cut"] and len(mn.callbacks_for("t-cut")) == 1
+
+    # A third start finds neither a journal entry nor a reason to answer again.
+    await second.client.close()
+    third = await make_agent(plugins=[make_test_plugin(runs)])
+    await asyncio.sleep(0.2)
+    assert await third.ctx.outbox.drain(5)
+    assert len(mn.callbacks_for("t-cut")) == 1
+
+
+async def test_done_taskuuids_older_than_the_window_are_pruned(make_agent, mn, runs, tmp_path):
+    done = tmp_path / "state" / "tasks-done"
+    done.mkdir(parents=True)
+    hour = int(time.time() // 3600)
+    (done / f"{hour - 3}.log").write_text("t-old\n")   # outside a 2 h window
+    (done / f"{hour - 1}.log").write_text("t-recent\n")
+    agent = await make_agent(plugins=[make_test_plugin(runs)], task_idempotency_window=7200)
+    assert sorted(p.name for p in done.iterdir()) == [f"{hour - 1}.log"]
+    assert (await agent.call_async(mn, "/test/async", {"vmInstanceUuid": "old"},
+                                   taskuuid="t-old"))["success"]
+    assert await agent.post("/test/async", {"vmInstanceUuid": "recent"},
+                            headers=headers(mn, "t-recent")) == ACK
+    await asyncio.sleep(0.2)
+    assert runs == ["old"]
+    assert mn.callbacks_for("t-recent") == []
+
+
+# -- item 6: state files of any content ---------------------------------------------------------
+WRONG_SHAPES = ["[1, 2]", '"text"', "42", "null", '{"unexpected": true}', "{not json"]
+
+
+@pytest.mark.parametrize("doc", ["outbox/00000000000000000001-aaaaaaaa", "tasks/t-x",
+                                 "ha/networkgroups", "ha/selffencers"])
+@pytest.mark.parametrize("content", WRONG_SHAPES)
+async def test_a_state_document_of_the_wrong_shape_is_moved_aside_and_the_agent_starts(
+        make_agent, mn, tmp_path, caplog, doc, content):
+    state = tmp_path / "state"
+    path = state / f"{doc}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    # A pending callback too: restoring the outbox must not be held up by the bad document.
+    (state / "outbox").mkdir(exist_ok=True)
+    (state / "outbox" / "00000000000000000000-bbbbbbbb.json").write_text(json.dumps({
+        "kind": "callback", "url": mn.callback_url, "headers": {"taskuuid": "t-pending"},
+        "body": {"success": True, "error": None}, "stream": None, "created": time.time(),
+        "id": "00000000000000000000-bbbbbbbb"}))
+    from kvmagent.core.plugin import discover_plugins
+    agent = await make_agent(plugins=[p for p in discover_plugins() if p.name in ("host", "ha")],
+                             libvirt_uri="test:///default")
+    assert (await agent.call("/host/echo"))["success"]
+    assert (await mn.wait_callback("t-pending"))["success"] is True
+    if content == "null" and doc.startswith("ha/"):
+        return  # "nothing configured" is a fine reading of null
+    assert not path.exists()
+    assert path.with_name(path.name + ".corrupt").read_text() == content
+    assert any(str(path) in r.getMessage() and "moved aside" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+# -- item 7: bad input is bad input -------------------------------------------------------------
+@pytest.fixture
+async def tagent(make_agent, runs):
+    return await make_agent(plugins=[make_test_plugin(runs)])
+
+
+@pytest.mark.parametrize("depth", [65, 5000, 200_000])
+async def test_deeply_nested_json_is_400_naming_the_limit(tagent, runs, depth):
+    raw = b'{"vmInstanceUuid": "v", "fail": ' + b"[" * depth + b"]" * depth + b"}"
+    status, body = await tagent.post("/test/sync", raw=raw)
+    assert (status, body) == (400, {"success": False, "error": "body nests deeper than 64 levels"})
+    assert runs == []
+
+
+async def test_nesting_within_the_limit_is_accepted(tagent):
+    raw = b'{"vmInstanceUuid": "v", "extra": ' + b"[" * 60 + b"]" * 60 + b"}"
+    status, body = await tagent.post("/test/sync", raw=raw)
+    assert (status, body["success"]) == (200, True)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("file:///etc/passwd", "must be an http:// or https:// URL"),
+    ("ftp://10.0.0.1/callback", "must be an http:// or https:// URL"),
+    ("not a url", "must be an http:// or https:// URL"),
+    ("http://", "has no host"),
+    ("http://[::1/cb", "is not a URL"),
+])
+async def test_an_unusable_callback_url_is_refused_at_once(tagent, runs, url, fragment):
+    status, body = await tagent.post("/test/async", {"vmInstanceUuid": "x"},
+                                     headers={"taskuuid": "t-bad-url", "callbackurl": url})
+    assert status == 400 and body["success"] is False
+    assert body["error"].startswith("header 'callbackurl' ") and fragment in body["error"], body
+    await asyncio.sleep(0.1)
+    assert runs == [] and tagent.ctx.outbox.pending == 0
+
+
+async def test_a_client_hanging_up_mid_body_leaves_no_traceback(tmp_path, runs, caplog):
+    # A site as `kvmagent serve` runs it (aiohttp's test client reads bodies differently).
+    runner = web.AppRunner(create_app(agent_config(tmp_path), [make_test_plugin(runs)]),
+                           access_log=None, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        for n in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /test/sync HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                         b"Content-Type: application/json\r\n\r\n" + b'{"vmInstanceUuid": "' +
+                         b"a" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the agent is reading the body now
+            if n % 2:  # half of them with a reset rather than a close
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/test/sync",
+                                    json={"vmInstanceUuid": "after"}) as resp:
+                assert (resp.status, (await resp.json())["success"]) == (200, True)
+    finally:
+        await runner.cleanup()
+    assert runs == ["after"]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], \
+        [r.getMessage() for r in caplog.records]
