@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import struct
 import time
@@ -15,7 +16,10 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kvmagent.core.logs import _KEY_VALUE, mask_text
 from kvmagent.core.server import create_app
 
 from .conftest import agent_config
@@ -215,3 +219,22 @@ async def test_a_client_hanging_up_mid_body_leaves_no_traceback(tmp_path, runs, 
     assert runs == ["after"]
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], \
         [r.getMessage() for r in caplog.records]
+
+
+# -- item 2: log masking in one pass ------------------------------------------------------------
+# The former masker, a regex that backtracks quadratically, is the reference for *what* is masked.
+_REFERENCE_URL = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?!//)(?P<pw>[^\s]*)@")
+
+
+def _reference_mask(text: str) -> str:
+    text = _REFERENCE_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _KEY_VALUE.sub(lambda m: f"{m['key']}***", text)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["a", "Z", "7", "+", ".", "-", ":", "/", "@", " ", "://", "//",
+                                 "redis", "password=", "\t", "é", "(", "x:"]), max_size=30))
+def test_the_linear_masker_masks_what_the_regex_masked(pieces):
+    text = "".join(pieces)
+    assert mask_text(text) == _reference_mask(text)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from .context import AgentContext
 from .errors import AgentError
-from .logs import mask_data, mask_text
+from .logs import PREMASKED, mask_data, mask_text
 from .models import secret_field_names
 from .plugin import Command
 
@@ -105,11 +105,11 @@ async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | N
     return outcome
 
 
-def _printable(header: str | None) -> str:
+def _printable(header: str | None, limit: int = 64) -> str:
     """A header value fit for one log line (the MN sends a uuid; anyone else anything)."""
     if not header:
         return "-"
-    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in header[:64])
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in header[:limit])
 
 
 def _one_line(text: str) -> str:
@@ -123,8 +123,9 @@ def _log_line(called: str, cmd: Command, taskuuid: str | None, resource: str | N
         return
     extra = "" if outcome.label == "ok" else f" error={outcome.body.get('error')!r}"
     # X-Resource-UUID: the host or resource the MN sent this for (a name to grep at 3 a.m.)
-    log.log(level, "%s %s task=%s resource=%s %s %.1fms%s", called,
-            cmd.path, taskuuid or "-", _printable(resource), outcome.label, elapsed * 1000, extra)
+    log.log(level, "%s %s task=%s resource=%s %s %.1fms%s", called, cmd.path,
+            _printable(taskuuid, 128), _printable(resource), outcome.label, elapsed * 1000, extra,
+            extra=PREMASKED)  # the error was masked for the reply: not masked twice
     if log.isEnabledFor(logging.DEBUG):
         try:
             body = mask_data(json.loads(raw or b"{}"), secret_field_names(cmd.request))
