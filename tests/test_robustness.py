@@ -6,12 +6,16 @@ Async requests are sent as ZStack's RESTFacadeImpl.asyncJsonPost sends them: hea
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
+import uuid
 
 import aiohttp
 import pytest
@@ -19,12 +23,14 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmagent.core.lazy import lazy_import
 from kvmagent.core.logs import _KEY_VALUE, mask_text
 from kvmagent.core.server import create_app
 
 from .conftest import agent_config
 from .test_daemon import free_port
 from .test_framework import make_test_plugin
+from .test_vhost import HEALTH
 
 
 @pytest.fixture
@@ -238,3 +244,52 @@ def _reference_mask(text: str) -> str:
 def test_the_linear_masker_masks_what_the_regex_masked(pieces):
     text = "".join(pieces)
     assert mask_text(text) == _reference_mask(text)
+
+
+# -- item 3: lazy imports under concurrency -----------------------------------------------------
+def test_a_lazy_module_is_whole_for_every_thread_that_touches_it_first(tmp_path, monkeypatch):
+    """A slow package whose submodule is set at the end of its import, like docker.errors."""
+    package = tmp_path / "slowpkg_k14"
+    package.mkdir()
+    (package / "__init__.py").write_text("import time\ntime.sleep(0.3)\nfrom . import errors\n")
+    (package / "errors.py").write_text("class NotFound(Exception):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy = lazy_import("slowpkg_k14")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(lambda _: lazy.errors.NotFound.__name__, range(16)))
+    assert found == ["NotFound"] * 16
+
+
+@pytest.mark.docker
+async def test_sixteen_first_docker_health_checks_at_once_after_a_start(tmp_path):
+    """The real `kvmagent serve`, fresh: its first docker SDK use comes from 16 requests at
+    once. HealthCheckCmd {containerName, socketPath} as tests/test_vhost.py sends it."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvmagent.cli", "serve", "--listen", f"127.0.0.1:{port}",
+        "--state-dir", str(tmp_path / "state"), "--libvirt-uri", "test:///default",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.post(f"{base}/host/echo", json={}) as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            body = {"containerName": f"k14-none-{uuid.uuid4().hex[:8]}",
+                    "socketPath": "/run/k14-none.sock"}
+
+            async def health() -> dict:
+                async with session.post(f"{base}{HEALTH}", json=body) as resp:
+                    assert resp.status == 200
+                    return await resp.json()
+            replies = await asyncio.gather(*(health() for _ in range(16)))
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    reasons = {r.get("reason") or r.get("error") for r in replies}
+    assert reasons == {f"container {body['containerName']} does not exist"}, reasons
+    assert all(r["success"] is True and r["healthy"] is False for r in replies), replies
