@@ -293,3 +293,37 @@ async def test_sixteen_first_docker_health_checks_at_once_after_a_start(tmp_path
     reasons = {r.get("reason") or r.get("error") for r in replies}
     assert reasons == {f"container {body['containerName']} does not exist"}, reasons
     assert all(r["success"] is True and r["healthy"] is False for r in replies), replies
+
+
+# -- item 4: delivery isolated per destination ---------------------------------------------------
+@pytest.fixture
+async def hung_url():
+    """An HTTP destination that accepts connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # until the agent gives up
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/callback"
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+async def test_callbacks_stuck_on_a_hung_url_do_not_delay_the_live_mn(make_agent, mn, runs,
+                                                                       hung_url):
+    agent = await make_agent(plugins=[make_test_plugin(runs)], delivery_timeout=120,
+                             delivery_retry_window=300)
+    for n in range(100):
+        assert await agent.post("/test/async", {"vmInstanceUuid": f"h{n}"},
+                                headers={"taskuuid": f"t-hung-{n}", "callbackurl": hung_url}) == ACK
+    await asyncio.sleep(0.5)
+    assert agent.ctx.outbox.pending == 100
+    # The live MN's callback arrives while all 100 are still waiting for the hung one (an
+    # attempt lasts 120 s: had it queued behind them, it would not arrive within 30 s).
+    body = await agent.call_async(mn, "/test/async", {"vmInstanceUuid": "live"}, timeout=30)
+    assert body["vmInstanceUuid"] == "live"
+    assert agent.ctx.outbox.pending == 100
