@@ -124,3 +124,55 @@ async def test_callbacks_to_an_https_mn_verify_its_certificate(make_agent, pki):
         assert stub.callbacks_for("t-untrusted") == [], "a callback went to an unverified MN"
     finally:
         await runner.cleanup()
+
+
+def test_serve_starts_whatever_the_state_documents_hold(tmp_path):
+    """Every state document the framework and HA restore, of the wrong shape, at once (and a
+    pending callback): the real serve moves them aside, names them and listens."""
+    state = tmp_path / "state"
+    bad = {"outbox/00000000000000000001-aaaaaaaa": "[1, 2]", "tasks/t-x": '{"taskuuid": 7}',
+           "ha/networkgroups": '{"groups": "all"}', "ha/selffencers": '[{"psUuid": 1}]',
+           "host": '"h1"'}
+    for name, content in bad.items():
+        (state / name).parent.mkdir(parents=True, exist_ok=True)
+        (state / f"{name}.json").write_text(content)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmagent.cli", "serve", "--listen", f"127.0.0.1:{port}",
+         "--state-dir", str(state), "--libvirt-uri", "test:///default"],
+        stderr=subprocess.PIPE)
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(urllib.request.Request(
+                        f"http://127.0.0.1:{port}/host/echo", data=b"{}", method="POST"),
+                        timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "never listened"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    log = err.decode()
+    for name, content in bad.items():
+        path = state / f"{name}.json"
+        assert not path.exists() and (state / f"{name}.json.corrupt").read_text() == content
+        assert f"state document {path} " in log and "moved aside" in log, log[-3000:]
+    assert proc.returncode == 0, log[-3000:]
+
+
+def test_serve_that_cannot_start_exits_saying_why(tmp_path):
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file where the state directory should be")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmagent.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+         "--state-dir", str(not_a_dir), "--libvirt-uri", "test:///default"],
+        capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert f"start-up failed: FileExistsError: [Errno 17] File exists: '{not_a_dir}'" in err, err

@@ -8,12 +8,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import BaseModel
+
 from .delivery import Outbox
-from .state import StateStore
+from .state import StateStore, conforms
 
 log = logging.getLogger(__name__)
 
 HOST_DOC = "host"
+
+
+class HostDoc(BaseModel):
+    hostUuid: str | None = None
+    sendCommandUrl: str | None = None
 
 
 class HostIdentity:
@@ -21,7 +28,7 @@ class HostIdentity:
 
     def __init__(self, state: StateStore):
         self._state = state
-        doc = state.load(HOST_DOC, {}) or {}
+        doc = state.load(HOST_DOC, {}, check=conforms(HostDoc)) or {}
         self.host_uuid: str | None = doc.get("hostUuid")
         self.send_command_url: str | None = doc.get("sendCommandUrl")
 
