@@ -83,12 +83,12 @@ async def serve(config) -> None:
     from aiohttp import web
 
     from .core import sdnotify
-    from .core.server import create_app, ssl_context
+    from .core.server import AgentRunner, create_app, ssl_context
 
     runner = None
     try:
         app = create_app(config)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = AgentRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, config.listen_host, config.listen_port,
                            ssl_context=ssl_context(config), reuse_address=True)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from kvmagent.core.lazy import lazy_import
 from kvmagent.core.logs import _KEY_VALUE, mask_text
-from kvmagent.core.server import create_app
+from kvmagent.core.server import AgentRunner, create_app
 
 from .conftest import agent_config
 from .test_daemon import free_port
@@ -198,8 +198,8 @@ async def test_an_unusable_callback_url_is_refused_at_once(tagent, runs, url, fr
 
 async def test_a_client_hanging_up_mid_body_leaves_no_traceback(tmp_path, runs, caplog):
     # A site as `kvmagent serve` runs it (aiohttp's test client reads bodies differently).
-    runner = web.AppRunner(create_app(agent_config(tmp_path), [make_test_plugin(runs)]),
-                           access_log=None, handle_signals=False)
+    runner = AgentRunner(create_app(agent_config(tmp_path), [make_test_plugin(runs)]),
+                         access_log=None, handle_signals=False)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -327,3 +327,35 @@ async def test_callbacks_stuck_on_a_hung_url_do_not_delay_the_live_mn(make_agent
     body = await agent.call_async(mn, "/test/async", {"vmInstanceUuid": "live"}, timeout=30)
     assert body["vmInstanceUuid"] == "live"
     assert agent.ctx.outbox.pending == 100
+
+
+@pytest.mark.parametrize("request_head, fragment", [
+    (b"POST /test/sync HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+     "Got more than 8190 bytes"),
+    (b"POST /test/sync HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-H%d: v\r\n" % n for n in range(200)) + b"\r\n", "Too many headers"),
+    (b"POST /test/sync HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", "Content-Length"),
+])
+async def test_requests_aiohttp_refuses_get_the_envelope(tmp_path, runs, caplog, request_head,
+                                                          fragment):
+    runner = AgentRunner(create_app(agent_config(tmp_path), [make_test_plugin(runs)]),
+                         access_log=None, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_head)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 4\d\d ", head), answer[:300]
+    assert b"Content-Type: application/json" in head, head
+    reply = json.loads(body)
+    assert reply["success"] is False and reply["error"].startswith("bad HTTP request: ")
+    assert fragment in reply["error"], reply
+    assert runs == []
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

@@ -11,6 +11,7 @@ import aiohttp.http_exceptions
 from typing import Iterable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from .config import AgentConfig
@@ -176,6 +177,39 @@ def bearer_auth(token: str):
         return await handler(request)
 
     return check
+
+
+class _EnvelopeRequestHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (a header line too long, a bad request line)
+    by itself, in plain text, logging a traceback: this gives that answer the JSON envelope
+    and one log line."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        reason = getattr(exc, "message", None) or message or str(exc or "") or "bad request"
+        reason = " ".join(str(reason).split())[:300]
+        log.info("bad HTTP request from %s answered %d: %s", request.remote, status, reason)
+        resp = reply(failure(f"bad HTTP request: {reason}").body, status)
+        resp.force_close()
+        return resp
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AgentRunner(web.AppRunner):
+    """The runner of an agent app: errors aiohttp answers itself carry the envelope too."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _EnvelopeServer  # same layout; only how connections are handled
+        return server
 
 
 def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
