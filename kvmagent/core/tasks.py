@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from .context import AgentContext
 from .dispatch import execute, failure
+from .errors import BlockingTimeout
 from .plugin import Command
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 JOURNAL = "tasks"
 DONE = "tasks-done"
 SEGMENT = 3600  # seconds per done-log file: the window is pruned a file at a time
+JOURNAL_POOL = "tasks-journal"
+JOURNAL_TIMEOUT = 30.0
 _TASKUUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a state document name
 
 
@@ -77,6 +80,8 @@ class TaskRunner:
             self.done[number] = {line for line in text.split() if valid_taskuuid(line)}
 
     def _mark_done(self, taskuuid: str) -> None:
+        if self.window <= 0:  # idempotency after the end switched off
+            return
         now = self._segment(time.time())
         if now not in self.done:
             self.done[now] = set()
@@ -144,9 +149,12 @@ class TaskRunner:
         entry = {"taskuuid": taskuuid, "path": cmd.path, "callbackurl": callbackurl,
                  "accepted": time.time()}
         try:
-            # fsync: slow on a busy disk, so in a thread, not on the event loop
-            await asyncio.to_thread(self.ctx.state.save, f"{JOURNAL}/{taskuuid}", entry)
-        except OSError as exc:  # e.g. a full disk: run it, without the restart guarantee
+            # fsync: slow on a busy disk, so in a thread of its own pool, not on the event loop
+            # (nor behind handlers' blocking work or DNS lookups in the shared executors)
+            await self.ctx.runner.run(self.ctx.state.save, f"{JOURNAL}/{taskuuid}", entry,
+                                      pool=JOURNAL_POOL, timeout=JOURNAL_TIMEOUT,
+                                      what=f"journal of task {taskuuid}")
+        except (OSError, BlockingTimeout) as exc:  # a full or hung disk: run it all the same
             log.error("task %s not journaled (%s); running it without a restart guarantee",
                       taskuuid, exc)
         finally:
