@@ -1,6 +1,7 @@
 """The real daemon process: systemd notification and watchdog, TLS with client certificates."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -176,3 +177,47 @@ def test_serve_that_cannot_start_exits_saying_why(tmp_path):
     assert proc.returncode == 1
     err = proc.stderr.decode()
     assert f"start-up failed: FileExistsError: [Errno 17] File exists: '{not_a_dir}'" in err, err
+
+
+FAILING_PLUGIN_LAUNCHER = """
+import sys
+from kvmagent import cli
+from kvmagent.core import server
+from kvmagent.core.plugin import Plugin
+
+broken = Plugin("broken")
+
+@broken.on_startup
+async def start(ctx):
+    raise RuntimeError("the broken plugin cannot start")
+
+discover = server.discover_plugins
+server.discover_plugins = lambda names=None: discover(names) + [broken]
+sys.exit(cli.main())
+"""
+
+
+def test_serve_whose_plugin_fails_to_start_exits_saying_why(tmp_path):
+    """A start-up hook that raises, with a callback pending for an MN that never answers
+    (the case that once left a process up, not listening, silent)."""
+    state = tmp_path / "state"
+    (state / "outbox").mkdir(parents=True)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    (state / "outbox" / "00000000000000000000-bbbbbbbb.json").write_text(json.dumps({
+        "kind": "callback", "url": f"http://127.0.0.1:{hung.getsockname()[1]}/callback",
+        "headers": {"taskuuid": "t-pending"}, "body": {"success": True, "error": None},
+        "stream": None, "created": time.time(), "id": "00000000000000000000-bbbbbbbb"}))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FAILING_PLUGIN_LAUNCHER, "serve", "--listen",
+             f"127.0.0.1:{free_port()}", "--state-dir", str(state),
+             "--libvirt-uri", "test:///default"], capture_output=True, timeout=60)
+    finally:
+        hung.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err[-3000:]
+    assert "start-up failed: RuntimeError: the broken plugin cannot start" in err, err[-3000:]
+    # The pending callback stays for the next start.
+    assert (state / "outbox" / "00000000000000000000-bbbbbbbb.json").exists()
