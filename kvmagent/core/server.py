@@ -5,11 +5,10 @@ import hmac
 import json
 import logging
 import ssl
+from typing import Iterable
 
 import aiohttp
 import aiohttp.http_exceptions
-from typing import Iterable
-
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
@@ -98,7 +97,8 @@ async def command_handler(request: web.Request) -> web.Response:
         return reply(failure(f"{path} takes {'/'.join(cmd.methods)}, not {request.method}").body, 405)
     try:
         raw = await request.read()
-    except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+    except (ConnectionError, aiohttp.ClientPayloadError,
+            aiohttp.http_exceptions.HttpProcessingError) as exc:
         # The client hung up mid-body: nothing to run and nobody to answer; no traceback.
         log.info("%s: request body not received (%s: %s); ignored", path, type(exc).__name__, exc)
         raise ClientGone() from None
