@@ -48,7 +48,45 @@ def run() -> dict[str, object]:
         figures[f"{name}_p50_ms / p99_ms"] = f"{result['p50_ms']:.2f} / {result['p99_ms']:.2f}"
         figures[f"{name}_vs_bare_ratio (target >= 0.8)"] = result["rps"] / bare["rps"]
     figures.update(asyncio.run(ping_while_blocked()))
+    figures.update(asyncio.run(async_acknowledgements()))
     return figures
+
+
+async def async_acknowledgements() -> dict[str, object]:
+    """Acknowledgements of async /host/ping (each a new taskuuid: journaled with an fsync, then
+    run and called back) vs sync /host/ping, same agent, interleaved rounds."""
+    async def callback(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    mn = web.Application()
+    mn.router.add_post("/callback", callback)
+    runner = web.AppRunner(mn, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    rates: dict[str, list[float]] = {"sync": [], "async": []}
+    try:
+        with server_process() as (url, _, _):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+                async def one(headers: dict[str, str]) -> None:
+                    async with session.post(f"{url}/host/ping", data=b"{}", headers=headers) as r:
+                        await r.read()
+                        assert r.status == 200
+
+                for _ in range(ROUNDS):
+                    for mode in ("sync", "async"):
+                        t0 = time.perf_counter()
+                        for _ in range(REQUESTS // 100):  # 16 in flight, in batches
+                            await asyncio.gather(*(one({} if mode == "sync" else {
+                                "taskuuid": uuid.uuid4().hex,
+                                "callbackurl": f"http://127.0.0.1:{port}/callback"})
+                                for _ in range(16)))
+                        rates[mode].append(REQUESTS // 100 * 16 / (time.perf_counter() - t0))
+    finally:
+        await runner.cleanup()
+    sync_rps, async_rps = statistics.median(rates["sync"]), statistics.median(rates["async"])
+    return {"ping_sync_rps / async_ack_rps (new taskuuid each)": f"{sync_rps:.0f} / {async_rps:.0f}",
+            "async_ack_vs_sync_ratio": async_rps / sync_rps}
 
 
 async def ping_while_blocked() -> dict[str, object]:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -60,29 +61,58 @@ def serve_main(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         pass
+    except StartupFailed as exc:
+        print(f"kvmagent: start-up failed: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+class StartupFailed(Exception):
+    """The agent could not start serving; the message says why."""
+
+
+def _exit_if_stuck(seconds: float) -> None:
+    """After a failed start-up, asyncio.run still waits for executor threads; one stuck in a
+    system call would keep a process up that never listens. Exit regardless after a while."""
+    timer = threading.Timer(seconds, os._exit, (1,))
+    timer.daemon = True
+    timer.start()
 
 
 async def serve(config) -> None:
     from aiohttp import web
 
     from .core import sdnotify
-    from .core.server import create_app, ssl_context
+    from .core.server import AgentRunner, create_app, ssl_context
 
-    app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.listen_host, config.listen_port,
-                       ssl_context=ssl_context(config), reuse_address=True)
-    await site.start()
+    runner = None
+    try:
+        app = create_app(config)
+        runner = AgentRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, config.listen_host, config.listen_port,
+                           ssl_context=ssl_context(config), reuse_address=True)
+        await site.start()
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        log.critical("start-up failed, exiting: %s", reason, exc_info=True)
+        sdnotify.notify(f"STATUS=start-up failed: {reason}")
+        _exit_if_stuck(STARTUP_FAILURE_GRACE)
+        if runner is not None and runner.server is not None:  # set up, then e.g. port in use
+            try:
+                await asyncio.wait_for(runner.cleanup(), STARTUP_FAILURE_GRACE / 2)
+            except Exception:
+                log.exception("clean-up after the failed start-up failed")
+        raise StartupFailed(reason) from None
     log.info("listening on %s://%s (state %s, libvirt %s)",
              "https" if config.tls_enabled else "http", config.listen, config.state_dir,
              config.libvirt_uri)
     sdnotify.notify("READY=1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    isolate_forked_children()
     watchdog = None
     interval = sdnotify.watchdog_interval()
     if interval:
@@ -93,6 +123,29 @@ async def serve(config) -> None:
     if watchdog:
         watchdog.cancel()
     await runner.cleanup()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STARTUP_FAILURE_GRACE = 15.0
+_fork_hook_installed = False
+
+
+def isolate_forked_children() -> None:
+    """A child forked from the agent (pyroute2's netns helper forks to create a socket in a
+    namespace) must not stop the agent. It inherits the event loop's signal handling: the C
+    handler writes the signal number into the wakeup socket, which is the *agent's*, so a
+    SIGTERM sent to stop the helper reads as one sent to the agent. The child gets default
+    signal handling and no wakeup fd the moment it exists."""
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_forget_agent_signals)
+        _fork_hook_installed = True
+
+
+def _forget_agent_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def call_main(args: argparse.Namespace) -> int:

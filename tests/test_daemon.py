@@ -1,6 +1,7 @@
 """The real daemon process: systemd notification and watchdog, TLS with client certificates."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -124,3 +125,99 @@ async def test_callbacks_to_an_https_mn_verify_its_certificate(make_agent, pki):
         assert stub.callbacks_for("t-untrusted") == [], "a callback went to an unverified MN"
     finally:
         await runner.cleanup()
+
+
+def test_serve_starts_whatever_the_state_documents_hold(tmp_path):
+    """Every state document the framework and HA restore, of the wrong shape, at once (and a
+    pending callback): the real serve moves them aside, names them and listens."""
+    state = tmp_path / "state"
+    bad = {"outbox/00000000000000000001-aaaaaaaa": "[1, 2]", "tasks/t-x": '{"taskuuid": 7}',
+           "ha/networkgroups": '{"groups": "all"}', "ha/selffencers": '[{"psUuid": 1}]',
+           "host": '"h1"'}
+    for name, content in bad.items():
+        (state / name).parent.mkdir(parents=True, exist_ok=True)
+        (state / f"{name}.json").write_text(content)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmagent.cli", "serve", "--listen", f"127.0.0.1:{port}",
+         "--state-dir", str(state), "--libvirt-uri", "test:///default"],
+        stderr=subprocess.PIPE)
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(urllib.request.Request(
+                        f"http://127.0.0.1:{port}/host/echo", data=b"{}", method="POST"),
+                        timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "never listened"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    log = err.decode()
+    for name, content in bad.items():
+        path = state / f"{name}.json"
+        assert not path.exists() and (state / f"{name}.json.corrupt").read_text() == content
+        assert f"state document {path} " in log and "moved aside" in log, log[-3000:]
+    assert proc.returncode == 0, log[-3000:]
+
+
+def test_serve_that_cannot_start_exits_saying_why(tmp_path):
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file where the state directory should be")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmagent.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
+         "--state-dir", str(not_a_dir), "--libvirt-uri", "test:///default"],
+        capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert f"start-up failed: FileExistsError: [Errno 17] File exists: '{not_a_dir}'" in err, err
+
+
+FAILING_PLUGIN_LAUNCHER = """
+import sys
+from kvmagent import cli
+from kvmagent.core import server
+from kvmagent.core.plugin import Plugin
+
+broken = Plugin("broken")
+
+@broken.on_startup
+async def start(ctx):
+    raise RuntimeError("the broken plugin cannot start")
+
+discover = server.discover_plugins
+server.discover_plugins = lambda names=None: discover(names) + [broken]
+sys.exit(cli.main())
+"""
+
+
+def test_serve_whose_plugin_fails_to_start_exits_saying_why(tmp_path):
+    """A start-up hook that raises, with a callback pending for an MN that never answers
+    (the case that once left a process up, not listening, silent)."""
+    state = tmp_path / "state"
+    (state / "outbox").mkdir(parents=True)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    (state / "outbox" / "00000000000000000000-bbbbbbbb.json").write_text(json.dumps({
+        "kind": "callback", "url": f"http://127.0.0.1:{hung.getsockname()[1]}/callback",
+        "headers": {"taskuuid": "t-pending"}, "body": {"success": True, "error": None},
+        "stream": None, "created": time.time(), "id": "00000000000000000000-bbbbbbbb"}))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FAILING_PLUGIN_LAUNCHER, "serve", "--listen",
+             f"127.0.0.1:{free_port()}", "--state-dir", str(state),
+             "--libvirt-uri", "test:///default"], capture_output=True, timeout=60)
+    finally:
+        hung.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err[-3000:]
+    assert "start-up failed: RuntimeError: the broken plugin cannot start" in err, err[-3000:]
+    # The pending callback stays for the next start.
+    assert (state / "outbox" / "00000000000000000000-bbbbbbbb.json").exists()

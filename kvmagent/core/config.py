@@ -31,6 +31,12 @@ class AgentConfig(BaseModel):
     tls_key: Path | None = Field(None, description="private key of tls_cert (PEM)")
     tls_client_ca: Path | None = Field(None, description="verify client certificates against this CA")
 
+    # Async commands.
+    task_idempotency_window: float = Field(
+        72 * 3600.0, ge=0, description="seconds a finished taskuuid is remembered (across "
+        "restarts): a re-send within it is acknowledged, not run again. Default: ZStack's "
+        "longest message timeout (72 h, e.g. APICreateDataVolumeTemplateFromVolumeMsg)")
+
     # Blocking work.
     executor_workers: int = Field(64, ge=1, le=1024, description="threads for blocking work")
     libvirt_workers: int = Field(16, ge=1, le=256, description="threads for libvirt calls")

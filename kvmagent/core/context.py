@@ -42,7 +42,8 @@ class AgentContext:
         state = StateStore(config.state_dir)
         metrics = Metrics()
         runner = BlockingRunner({"default": config.executor_workers,
-                                 "libvirt": config.libvirt_workers})
+                                 "libvirt": config.libvirt_workers,
+                                 "tasks-journal": 8})  # fsyncs of accepted async tasks
         outbox = Outbox(config, state, metrics)
         identity = HostIdentity(state)
         return cls(

@@ -6,6 +6,9 @@ storage's status) are delivered in order, so a VM's Stopped never overtakes its 
 a report the MN keeps refusing holds up only its own stream; callbacks are independent.
 A message that cannot be delivered within the retry window is logged, counted and kept under
 ``undelivered/`` for a human; a 4xx answer is final (retrying would not change it).
+
+Destinations are isolated: each (host, port, scheme) has its own pool of connections, so a
+dead or hung callback URL delays only the messages addressed to it, never the live MN's.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from pydantic import TypeAdapter
 
 from .logs import mask_data, mask_text
 from .state import StateStore
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX = "outbox"
 UNDELIVERED = "undelivered"
+# Connections to one destination at a time; there is no cap over all destinations, which
+# would let a hung one hold every connection (head-of-line blocking).
+PER_DESTINATION = 32
 
 
 @dataclass
@@ -45,6 +52,16 @@ class Message:
     @property
     def taskuuid(self) -> str | None:
         return self.headers.get("taskuuid")
+
+
+_MESSAGE = TypeAdapter(Message)
+
+
+def stored_message(doc: Any) -> Message:
+    """A message from its outbox document; ValueError when it has another shape."""
+    if isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if k != "ordered"}  # written by an older agent
+    return _MESSAGE.validate_python(doc)
 
 
 class Outbox:
@@ -63,15 +80,15 @@ class Outbox:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout),
-            connector=aiohttp.TCPConnector(limit=64, ssl=self._tls()),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=PER_DESTINATION,
+                                           ssl=self._tls()),
         )
         restored = 0
         for name in self.store.names(OUTBOX):
-            doc = self.store.load(name)
-            if not doc:
+            msg = self.store.load(name, check=stored_message)
+            if msg is None:
                 continue
-            doc.pop("ordered", None)  # written by an older agent
-            self._dispatch(Message(**doc))
+            self._dispatch(msg)
             restored += 1
         if restored:
             log.info("outbox: %d message(s) left by the previous run, delivering", restored)
@@ -92,8 +109,8 @@ class Outbox:
     def pending_taskuuids(self) -> set[str]:
         result = set()
         for name in self.store.names(OUTBOX):
-            doc = self.store.load(name) or {}
-            tid = (doc.get("headers") or {}).get("taskuuid")
+            msg = self.store.load(name, check=stored_message)
+            tid = msg.taskuuid if msg is not None else None
             if tid:
                 result.add(tid)
         return result

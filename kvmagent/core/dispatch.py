@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from .context import AgentContext
 from .errors import AgentError
-from .logs import mask_data, mask_text
+from .logs import PREMASKED, mask_data, mask_text
 from .models import secret_field_names
 from .plugin import Command
 
@@ -38,6 +38,9 @@ def failure(message: str, status: int = 200) -> Outcome:
     return Outcome({"success": False, "error": message}, status)
 
 
+MAX_DEPTH = 64  # ZStack's deepest command (a VM start) nests under 10 levels
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
@@ -45,9 +48,26 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
+    if _too_deep(data):
+        # Deeper documents would reach recursive code (validation, log masking) at its limit.
+        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels")
     return data
+
+
+def _too_deep(data: Any) -> bool:
+    """Iterative (a recursive walk would fail on the very input it guards against)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -85,11 +105,11 @@ async def execute(ctx: AgentContext, cmd: Command, raw: bytes, taskuuid: str | N
     return outcome
 
 
-def _printable(header: str | None) -> str:
+def _printable(header: str | None, limit: int = 64) -> str:
     """A header value fit for one log line (the MN sends a uuid; anyone else anything)."""
     if not header:
         return "-"
-    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in header[:64])
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in header[:limit])
 
 
 def _one_line(text: str) -> str:
@@ -103,8 +123,9 @@ def _log_line(called: str, cmd: Command, taskuuid: str | None, resource: str | N
         return
     extra = "" if outcome.label == "ok" else f" error={outcome.body.get('error')!r}"
     # X-Resource-UUID: the host or resource the MN sent this for (a name to grep at 3 a.m.)
-    log.log(level, "%s %s task=%s resource=%s %s %.1fms%s", called,
-            cmd.path, taskuuid or "-", _printable(resource), outcome.label, elapsed * 1000, extra)
+    log.log(level, "%s %s task=%s resource=%s %s %.1fms%s", called, cmd.path,
+            _printable(taskuuid, 128), _printable(resource), outcome.label, elapsed * 1000, extra,
+            extra=PREMASKED)  # the error was masked for the reply: not masked twice
     if log.isEnabledFor(logging.DEBUG):
         try:
             body = mask_data(json.loads(raw or b"{}"), secret_field_names(cmd.request))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ MASK = "***"
 
 # scheme://user:password@host and scheme://:password@host (redis). The password runs to the
 # last '@' of the URL (unencoded passwords hold '/' and '@'); over-masking is the safe side.
-_URL_CREDENTIALS = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?!//)(?P<pw>[^\s]*)@")
+# Found by hand in one pass (a regex for it backtracks quadratically: 100 KB took seconds).
+_SCHEME_CHARS = frozenset(string.ascii_letters + string.digits + "+.-")
+_LETTERS = frozenset(string.ascii_letters)
+_TOKEN = re.compile(r"\S+")
+_USER = re.compile(r"[^:/@\s]*")
 _KEY_VALUE = re.compile(
     r"(?i)(?P<key>\b(?:password|passwd|secret|token|access[-_]?key|secret[-_]?key|authorization)"
     r"[\"']?\s*[:=]\s*[\"']?)(?P<val>(?:Bearer\s+)?[^\s,\"'&}]+)"
@@ -25,8 +29,49 @@ _KEY_VALUE = re.compile(
 
 
 def mask_text(text: str) -> str:
-    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    """Credentials in URLs and ``key=value`` secrets replaced by ``***``; linear in the length."""
+    if "://" in text and "@" in text:
+        text = _mask_urls(text)
     return _KEY_VALUE.sub(lambda m: f"{m['key']}{MASK}", text)
+
+
+def _mask_urls(text: str) -> str:
+    parts: list[str] = []
+    copied = 0
+    for token in _TOKEN.finditer(text):  # a URL never holds whitespace
+        start, end = token.span()
+        last_at = text.rfind("@", start, end)
+        if last_at < 0:
+            continue
+        cut = _credentials(text, start, last_at)
+        if cut is not None:
+            parts.append(text[copied:cut])
+            parts.append(MASK)
+            copied = last_at
+    if not parts:
+        return text
+    parts.append(text[copied:])
+    return "".join(parts)
+
+
+def _credentials(text: str, start: int, last_at: int) -> int | None:
+    """Where the password of the first ``scheme://user:`` in text[start:last_at] begins."""
+    sep = text.find("://", start, last_at)
+    while sep >= 0:
+        # The scheme: the scheme characters before '://', from the first letter among them.
+        # (Each character is looked at once: the run before the next '://' begins after this.)
+        begin = sep
+        while begin > start and text[begin - 1] in _SCHEME_CHARS:
+            begin -= 1
+        has_scheme = any(c in _LETTERS for c in text[begin:sep])
+        user_end = _USER.match(text, sep + 3, last_at).end()
+        if (has_scheme and user_end < last_at and text[user_end] == ":"
+                and not text.startswith("//", user_end + 1)):
+            return user_end + 1
+        sep = text.find("://", max(user_end, sep + 3), last_at)
+    return None
+
+
 
 
 def mask_data(data: Any, secret_keys: set[str] = frozenset()) -> Any:
@@ -40,8 +85,15 @@ def mask_data(data: Any, secret_keys: set[str] = frozenset()) -> Any:
     return data
 
 
+# ``extra=PREMASKED`` on a log call whose arguments were masked already (the command line:
+# its error text went through mask_text for the reply): the filter does not mask it twice.
+PREMASKED = {"kvmagent_masked": True}
+
+
 class MaskingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "kvmagent_masked", False) and not record.exc_info:
+            return True
         message = record.getMessage()
         masked = mask_text(message)
         if record.exc_info and not record.exc_text:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import BaseModel
+
 from .delivery import Outbox
-from .state import StateStore
+from .state import StateStore, conforms
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +22,17 @@ PENDING_DOC = "reports-waiting-for-mn"
 MAX_WAITING = 1000
 
 
+class HostDoc(BaseModel):
+    hostUuid: str | None = None
+    sendCommandUrl: str | None = None
+
+
 class HostIdentity:
     """hostUuid and sendCommandUrl, persisted in the ``host`` state document."""
 
     def __init__(self, state: StateStore):
         self._state = state
-        doc = state.load(HOST_DOC, {}) or {}
+        doc = state.load(HOST_DOC, {}, check=conforms(HostDoc)) or {}
         self.host_uuid: str | None = doc.get("hostUuid")
         self.send_command_url: str | None = doc.get("sendCommandUrl")
         self.on_update: list = []  # callables run after each update

@@ -7,7 +7,11 @@ import logging
 import ssl
 from typing import Iterable
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from yarl import URL
 
 from .config import AgentConfig
 from .context import AgentContext
@@ -91,7 +95,13 @@ async def command_handler(request: web.Request) -> web.Response:
         return reply(failure(f"no such command: {path}").body, 404)
     if request.method not in cmd.methods:
         return reply(failure(f"{path} takes {'/'.join(cmd.methods)}, not {request.method}").body, 405)
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except (ConnectionError, aiohttp.ClientPayloadError,
+            aiohttp.http_exceptions.HttpProcessingError) as exc:
+        # The client hung up mid-body: nothing to run and nobody to answer; no traceback.
+        log.info("%s: request body not received (%s: %s); ignored", path, type(exc).__name__, exc)
+        raise ClientGone() from None
     taskuuid = request.headers.get("taskuuid")
     callbackurl = request.headers.get("callbackurl")
 
@@ -101,12 +111,32 @@ async def command_handler(request: web.Request) -> web.Response:
         if not taskuuid or not valid_taskuuid(taskuuid):
             return reply(failure("header 'taskuuid' is required with 'callbackurl' and must be "
                                  "1-128 characters of [A-Za-z0-9._-]").body, 400)
-        tasks.accept(cmd, raw, taskuuid, callbackurl,
-                     resource=request.headers.get("X-Resource-UUID"))
+        problem = callback_url_problem(callbackurl)
+        if problem:  # refused now, rather than retried for the whole delivery window
+            return reply(failure(f"header 'callbackurl' {problem}").body, 400)
+        await tasks.accept(cmd, raw, taskuuid, callbackurl,
+                           resource=request.headers.get("X-Resource-UUID"))
         return reply({"success": True, "error": None})
 
     outcome = await execute(ctx, cmd, raw, taskuuid, request.headers.get("X-Resource-UUID"))
     return reply(outcome.body, outcome.status)
+
+
+class ClientGone(Exception):
+    """The client went away before its request was complete."""
+
+
+def callback_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot take a callback, or None (an absolute http(s) URL with a host)."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        return f"is not a URL ({exc})"
+    if parsed.scheme not in ("http", "https"):
+        return f"must be an http:// or https:// URL, not {url[:80]!r}"
+    if not parsed.host:
+        return f"has no host: {url[:80]!r}"
+    return None
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
@@ -127,6 +157,8 @@ async def envelope_errors(request: web.Request, handler):
         if exc.content_type == "application/json":
             raise
         return reply(failure(exc.reason or "error").body, exc.status)
+    except ClientGone:
+        return web.Response(status=400)  # aiohttp cannot send it: the connection is gone
     except Exception:
         log.exception("unhandled error serving %s", request.path)
         return reply(failure("internal error; see the agent log").body, 500)
@@ -145,6 +177,39 @@ def bearer_auth(token: str):
         return await handler(request)
 
     return check
+
+
+class _EnvelopeRequestHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (a header line too long, a bad request line)
+    by itself, in plain text, logging a traceback: this gives that answer the JSON envelope
+    and one log line."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        reason = getattr(exc, "message", None) or message or str(exc or "") or "bad request"
+        reason = " ".join(str(reason).split())[:300]
+        log.info("bad HTTP request from %s answered %d: %s", request.remote, status, reason)
+        resp = reply(failure(f"bad HTTP request: {reason}").body, status)
+        resp.force_close()
+        return resp
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AgentRunner(web.AppRunner):
+    """The runner of an agent app: errors aiohttp answers itself carry the envelope too."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _EnvelopeServer  # same layout; only how connections are handled
+        return server
 
 
 def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, fields
 
 from ..core.context import AgentContext
 from ..core.locks import KeyedLocks
+from ..core.state import conforms
 from .fencer import IDLE, STOP_TIMEOUT, Fencer, FencerConfig, detection_bounds
 from .inventory import VmInventory
 from .nicfencer import NicFencer, NicFencerConfig
@@ -69,10 +70,8 @@ class FencerManager:
 
     async def restore(self) -> None:
         self.rules.load()  # before any fencer can fence
-        docs = self.ctx.state.load(STATE_DOC, []) or []
-        if not isinstance(docs, list):
-            log.error("state document %s is not a list; no self-fencer restored", STATE_DOC)
-            docs = []
+        # Not a list: set aside with a log line; a record of another shape: skipped (logged).
+        docs = self.ctx.state.load(STATE_DOC, [], check=conforms(list)) or []
         restored = [r for r in map(config_from_doc, docs) if r is not None]
         self._disconnected = {cfg.ps_uuid for cfg, disconnected in restored if disconnected}
         if restored:

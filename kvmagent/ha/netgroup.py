@@ -22,9 +22,12 @@ import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel
+
 from ..core.context import AgentContext
 from ..core.errors import AgentError
 from ..core.lazy import lazy_import
+from ..core.state import conforms
 
 pyroute2 = lazy_import("pyroute2")  # loaded when the first network group is watched
 
@@ -49,6 +52,18 @@ class Group:
 VmRules = dict[str, dict[str, tuple[int, dict[str, int]]]]
 
 
+class StoredRule(BaseModel):
+    minScore: int
+    rules: dict[str, int]
+
+
+class StoredConfig(BaseModel):
+    """The shape of the state document (a document of another shape is set aside)."""
+    groups: list[Group] = []
+    vmGroups: dict[str, list[str]] = {}
+    vmRules: dict[str, dict[str, StoredRule]] = {}
+
+
 @dataclass
 class Config:
     groups: dict[str, Group] = field(default_factory=dict)
@@ -59,6 +74,11 @@ class Config:
         return {"groups": [asdict(g) for g in self.groups.values()], "vmGroups": self.vm_groups,
                 "vmRules": {vm: {g: {"minScore": m, "rules": r} for g, (m, r) in groups.items()}
                             for vm, groups in self.vm_rules.items()}}
+
+    @classmethod
+    def stored(cls, doc: object) -> Config:
+        """From the state document; ValueError when it has another shape (set aside)."""
+        return cls.from_doc(conforms(StoredConfig)(doc))
 
     @classmethod
     def from_doc(cls, doc: dict) -> Config:
@@ -93,14 +113,8 @@ class NetworkGroupMonitor:
 
     # -- configuration -----------------------------------------------------------------------
     async def restore(self) -> None:
-        doc = self.ctx.state.load(STATE_DOC)
-        try:
-            config = Config.from_doc(doc) if isinstance(doc, dict) else Config()
-        except (TypeError, KeyError, ValueError, AttributeError) as exc:
-            log.error("state document %s has an unexpected shape (%s); no network group "
-                      "restored", STATE_DOC, exc)
-            config = Config()
-        if config.groups or config.vm_rules:
+        config = self.ctx.state.load(STATE_DOC, check=Config.stored)  # wrong shape: aside
+        if config is not None and (config.groups or config.vm_rules):
             self.config = config
             try:
                 await self._ensure_watching()
