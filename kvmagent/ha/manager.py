@@ -70,8 +70,8 @@ class FencerManager:
 
     async def restore(self) -> None:
         self.rules.load()  # before any fencer can fence
-        # Not a list: set aside with a log line; a record of another shape: skipped (logged).
-        docs = self.ctx.state.load(STATE_DOC, [], check=conforms(list)) or []
+        # Not a list of records: set aside with a log line; a record with bad fields: skipped.
+        docs = self.ctx.state.load(STATE_DOC, [], check=conforms(list[dict])) or []
         restored = [r for r in map(config_from_doc, docs) if r is not None]
         self._disconnected = {cfg.ps_uuid for cfg, disconnected in restored if disconnected}
         if restored:

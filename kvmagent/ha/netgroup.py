@@ -59,9 +59,9 @@ class StoredRule(BaseModel):
 
 class StoredConfig(BaseModel):
     """The shape of the state document (a document of another shape is set aside)."""
-    groups: list[Group] = []
-    vmGroups: dict[str, list[str]] = {}
-    vmRules: dict[str, dict[str, StoredRule]] = {}
+    groups: list[Group]
+    vmGroups: dict[str, list[str]]
+    vmRules: dict[str, dict[str, StoredRule]] = {}  # absent in documents of older agents
 
 
 @dataclass
