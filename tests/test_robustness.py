@@ -160,6 +160,32 @@ async def test_a_state_document_of_the_wrong_shape_is_moved_aside_and_the_agent_
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("doc", ["eips/0d6f3a2b9c8e4f1a8b7c6d5e4f3a2b1c",
+                                 "modelcenter/5e1c9a7b3d2f4e6a8b0c1d2e3f4a5b6c",
+                                 "virtiofs/2fd5a9c1e8b04f6e9d3c7a1b5e2f8d40"])
+@pytest.mark.parametrize("content", WRONG_SHAPES)
+async def test_a_capability_record_of_the_wrong_shape_is_moved_aside_and_the_agent_starts(
+        make_agent, tmp_path, caplog, doc, content):
+    """EIP, model-center and virtiofs records load through the same shape check."""
+    path = tmp_path / "state" / f"{doc}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    from kvmagent.core.plugin import discover_plugins
+    wanted = {"eips": ("host", "eip"), "modelcenter": ("host", "modelcenter"),
+              "virtiofs": ("host", "modelcenter", "virtiofs")}[doc.split("/")[0]]
+    agent = await make_agent(plugins=[p for p in discover_plugins() if p.name in wanted],
+                             libvirt_uri="test:///default", models_root=tmp_path / "models")
+    assert (await agent.call("/host/echo"))["success"]
+    if doc.startswith("modelcenter/"):  # read when the model center is first looked at
+        assert (await agent.call("/modelcenter/list"))["success"]
+    if doc.startswith("virtiofs/") and content == "null":
+        return  # "no shares" is a fine reading of null
+    assert not path.exists()
+    assert path.with_name(path.name + ".corrupt").read_text() == content
+    assert any(str(path) in r.getMessage() and "moved aside" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 # -- item 7: bad input is bad input -------------------------------------------------------------
 @pytest.fixture
 async def tagent(make_agent, runs):

@@ -122,14 +122,11 @@ class EipManager:
 
     def load(self) -> None:
         for doc_name in self.ctx.state.names(FOLDER):
-            doc = self.ctx.state.load(doc_name)
-            try:
-                spec = EipSpec.from_dict(doc["spec"])
-                status = doc["status"]
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("EIP record %s is invalid (%s); ignored", doc_name, exc)
-                continue
-            self._remember(spec.eip_uuid, doc | {"status": status})
+            # a record of another shape is set aside (logged) and the agent goes on
+            loaded = self.ctx.state.load(doc_name, check=_stored_record)
+            if loaded is not None:
+                spec, doc = loaded
+                self._remember(spec.eip_uuid, doc)
         log.info("EIP records loaded: %d", len(self.records))
 
     def _remember(self, eip_uuid: str, record: dict[str, Any]) -> None:
@@ -473,3 +470,11 @@ class EipManager:
 
 def _changed(report: netlink.ApplyReport) -> bool:
     return bool(report.created_netns or report.created_pairs or report.removed)
+
+
+def _stored_record(doc: Any) -> tuple[EipSpec, dict[str, Any]]:
+    """(spec, record) of a persisted EIP record; KeyError/TypeError/ValueError otherwise."""
+    spec = EipSpec.from_dict(doc["spec"])
+    if doc["status"] not in ("applying", "applied", "deleting"):
+        raise ValueError(f"status {doc['status']!r}")
+    return spec, doc

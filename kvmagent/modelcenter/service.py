@@ -135,14 +135,8 @@ class ModelCenterService:
         return backend_for(kind, self.config, self.ctx.runner)
 
     def record(self, uuid: str) -> Record | None:
-        data = self.ctx.state.load(f"{FOLDER}/{uuid}")
-        if not data:
-            return None
-        try:
-            return Record.load(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.error("model center record %s unusable: %s", uuid, exc)
-            return None
+        # a record of another shape is set aside (logged): the model center is then unknown
+        return self.ctx.state.load(f"{FOLDER}/{uuid}", check=Record.load)
 
     async def _save(self, uuid: str, record: Record) -> None:
         """Write the record atomically (fsyncs) off the event loop."""

@@ -10,9 +10,11 @@ import libvirt
 from ..core.context import AgentContext
 from ..core.errors import AgentError
 from ..core.libvirt_conn import libvirt_message
+from ..core.state import conforms
 from .domain_xml import shares_in_xml, vm_key
 
 FOLDER = "virtiofs"
+_RECORDS = conforms(dict[str, dict[str, Any]])  # tag -> record; another shape is set aside
 
 
 @dataclass
@@ -44,7 +46,7 @@ class ShareRegistry:
         return f"{FOLDER}/{vm_key(vm)}"
 
     def load(self, vm: str) -> dict[str, dict]:
-        return self.state.load(self._name(vm), {}) or {}
+        return self.state.load(self._name(vm), {}, check=_RECORDS) or {}
 
     def _put(self, vm: str, tag: str, entry: dict) -> None:
         doc = self.load(vm)
@@ -73,7 +75,7 @@ class ShareRegistry:
     def all(self) -> dict[str, dict[str, dict]]:
         out = {}
         for name in self.state.names(FOLDER):
-            out[name.split("/", 1)[1]] = self.state.load(name, {}) or {}
+            out[name.split("/", 1)[1]] = self.state.load(name, {}, check=_RECORDS) or {}
         return out
 
 
