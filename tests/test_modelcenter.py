@@ -87,13 +87,33 @@ def test_masked_url_holds_no_part_of_a_password_with_at_or_slash(url, masked):
     (f"juicefs://postgres://u@h/db?sslmode=disable&password={SECRET}",
      "juicefs://postgres://u@h/db?sslmode=disable&password=***"),
     (f"sqlite3:///var/x.db?_auth_user=a&_auth_pass={SECRET}",
-     "sqlite3:///var/x.db?_auth_user=***&_auth_pass=***"),
+     "sqlite3:///var/x.db?_auth_user=a&_auth_pass=***"),
+    (f"juicefs://postgres://u@h/db?sslpassword={SECRET}",
+     "juicefs://postgres://u@h/db?sslpassword=***"),
 ])
 def test_credentials_juicefs_reads_only_from_the_url_stay_in_it_but_never_in_logs(url, masked):
     parsed = parse_storage_url(url)
     assert parsed.masked == masked and SECRET in parsed.meta_url
     assert parsed.meta_password is None and any(SECRET in s for s in parsed.argv_secrets)
     assert SECRET not in parsed.scrub(f"juicefs said: cannot reach {parsed.meta_url}")
+
+
+def test_only_credential_keys_are_secrets_and_short_ones_stay_in_the_url():
+    """``_auth`` (a flag) and ``_auth_user`` (a user name) of go-sqlite3 are no secrets: with
+    a pattern matching 'auth', the user "a" became one and scrub() masked every 'a' of the
+    juicefs error. A secret shorter than 4 characters is masked only in the URL itself."""
+    parsed = parse_storage_url("sqlite3:///x.db?_auth&_auth_user=a&_auth_pass=S")
+    assert parsed.masked == "sqlite3:///x.db?_auth&_auth_user=a&_auth_pass=***"
+    said = f"juicefs: load setting from {parsed.meta_url} failed: database is locked (Sqlite)"
+    assert parsed.scrub(said) == ("juicefs: load setting from sqlite3:///x.db?_auth&_auth_user=a"
+                                  "&_auth_pass=*** failed: database is locked (Sqlite)")
+    short = parse_storage_url("postgres://u:ab@db/jfs?sslmode=disable")
+    assert short.meta_password == "ab"
+    assert short.scrub("dial tcp: lookup db: no such host (ab)") == \
+        "dial tcp: lookup db: no such host (ab)"
+    assert short.scrub("postgres://u:ab@db/jfs failed") == "postgres://u:***@db/jfs failed"
+    long = parse_storage_url("etcd://u:s3cr@h1/jfs")
+    assert long.scrub("auth failed for s3cr") == "auth failed for ***"
 
 
 @pytest.mark.parametrize("url, meta, password", [

@@ -58,8 +58,16 @@ _SOCKET_ADDRESS = frozenset({"unix", "postgres"})
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.S)
 _USER = re.compile(r"^[^:@/?#]*$")
-# Query parameters that carry a credential (postgres ?password=, sqlite3 ?_auth_pass=, ...).
-_SECRET_PARAM = re.compile(r"(?i)(pass|pwd|secret|token|credential|auth)")
+# Query parameters that carry a credential, exactly as the drivers juicefs uses name them:
+# postgres (lib/pq, pgx) ?password= and ?sslpassword=, sqlite3 (mattn/go-sqlite3) ?_auth_pass=.
+# Exact names, never a pattern: ?_auth (a flag) or ?_auth_user (a user name) are no secrets.
+SECRET_PARAMS = frozenset({"password", "sslpassword", "_auth_pass"})
+# A secret this short would mask every occurrence of common text (an "a" in any word) if
+# scrubbed from free text: it is masked only where it stands as a credential in a URL.
+MIN_SCRUB_LEN = 4
+_SECRET_IN_QUERY = re.compile(
+    r"(?i)(?P<key>[?&](?:" + "|".join(re.escape(k) for k in sorted(SECRET_PARAMS)) + r")=)"
+    r"(?P<val>[^&\s\"']+)")
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _EXPORT_CHARS = re.compile(r"^/[A-Za-z0-9._~/@+=%-]*$")
@@ -108,9 +116,14 @@ class StorageUrl:
         return sorted({*found, *(_quoted(s) for s in found)}, key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
-        """``text`` (a juicefs error, a log line) with every credential of this URL masked."""
+        """``text`` (a juicefs error, a log line) with every credential of this URL masked.
+
+        A credential of at least MIN_SCRUB_LEN characters is masked wherever it occurs; a
+        shorter one only where it stands as one in a URL (``?password=..``, ``:pw@``)."""
         for secret in self.secrets():
-            text = text.replace(secret, MASK)
+            if len(secret) >= MIN_SCRUB_LEN:
+                text = text.replace(secret, MASK)
+        text = _SECRET_IN_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
         return mask_text(text)
 
     @property
@@ -164,7 +177,7 @@ def _query_secrets(query: str) -> tuple[str, list[str]]:
     shown, secrets = [], []
     for item in query.split("&"):
         key, eq, value = item.partition("=")
-        if eq and value and _SECRET_PARAM.search(unquote(key)):
+        if eq and value and unquote(key).lower() in SECRET_PARAMS:
             secrets += [value, unquote(value)]
             shown.append(f"{key}={MASK}")
         else:
