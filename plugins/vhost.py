@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import socket
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
@@ -24,7 +23,7 @@ from kvmagent.core.errors import AgentError
 from kvmagent.core.models import AgentRequest, AgentResponse
 from kvmagent.core.plugin import ASYNC, SYNC, Plugin
 from kvmagent.core.validate import AbsPath
-from kvmagent.host.docker_engine import DockerEngine, DockerUnreachable, socket_problem
+from kvmagent.host.docker_engine import DockerEngine, DockerUnreachable, control_socket_problem
 from kvmagent.host.hugepages import (
     MAX_COUNT,
     HugepageInputError,
@@ -51,6 +50,10 @@ CONTAINER_NAME = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}$"
 # MN's legitimate question: answered "not running", never refused.
 ZBS_CONTAINER_PREFIX = "zbsvhost-"
 CONTROL_CONNECT_TIMEOUT = 1.0  # seconds, as ZStack's agent waits for the control socket
+# ZStack's agent checks this socket when controlSock is empty or absent
+# (zstack-utility kvmagent/plugins/zbs_vhost_target.py DEFAULT_CONTROL_SOCK, used by
+# zbs_storage_plugin.py ZbsStoragePlugin._control_sock).
+DEFAULT_CONTROL_SOCK = "/var/tmp/vhost-sockets/vhost.sock"
 
 def numa_node_field():
     return Field(None, ge=0, le=4095, description="NUMA node; absent: the host-wide pool")
@@ -98,16 +101,26 @@ def docker_name(name: str) -> bool:
 
 
 class HealthCmd(AgentRequest):
-    container_name: str = Field(description="the target container: zbsvhost-<host management "
-                                "IP> from ZStack's MN, or any docker container name")
+    container_name: str | None = Field(
+        None, description="the target container: zbsvhost-<host management IP> from ZStack's "
+                          "MN, or any docker container name; absent or empty: targetRunning "
+                          "false (ZStack's agent looks up no such container)")
     control_sock: SocketPath = Field(
-        validation_alias=AliasChoices("controlSock", "socketPath"),
-        description="the target's control socket (ZStack: /var/zbsvhost/sockets/admin.sock); "
-                    "socketPath is the older name, accepted as an alias")
+        DEFAULT_CONTROL_SOCK, validation_alias=AliasChoices("controlSock", "socketPath"),
+        description=f"the target's control socket (ZStack's MN: /var/zbsvhost/sockets/"
+                    f"admin.sock); absent or empty: {DEFAULT_CONTROL_SOCK}, as ZStack's agent; "
+                    f"socketPath is the older name, accepted as an alias")
+
+    @field_validator("control_sock", mode="before")
+    @classmethod
+    def _default_control_sock(cls, value: Any) -> Any:
+        return DEFAULT_CONTROL_SOCK if value is None or value == "" else value
 
     @field_validator("container_name")
     @classmethod
-    def _container_name(cls, value: str) -> str:
+    def _container_name(cls, value: str | None) -> str | None:
+        if not value:
+            return None
         if docker_name(value):
             return value
         ip = value[len(ZBS_CONTAINER_PREFIX):] if value.startswith(ZBS_CONTAINER_PREFIX) else ""
@@ -188,22 +201,6 @@ async def prepare_env(ctx: AgentContext, req: PrepareEnvCmd) -> PrepareEnvRsp:
                          hugetlbfs_mount=mount, docker_version=version)
 
 
-def control_sock_problem(path: str) -> str | None:
-    """Why ``path`` is no live control socket (a unix stream socket that accepts a connection
-    within CONTROL_CONNECT_TIMEOUT, as ZStack's agent checks), or None. Blocking."""
-    problem = socket_problem(path)
-    if problem is not None:
-        return problem
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CONTROL_CONNECT_TIMEOUT)
-        try:
-            sock.connect(path)
-        except OSError as exc:  # refused (nobody listens), timeout, wrong socket type
-            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            return f"control socket {path} accepts no connection: {why}"
-    return None
-
-
 def _not_running(reason: str, status: str | None = None) -> HealthRsp:
     return HealthRsp(target_running=False, healthy=False, reason=reason,
                      container_status=status)
@@ -214,6 +211,8 @@ async def health(ctx: AgentContext, req: HealthCmd) -> HealthRsp:
     """targetRunning: the target container runs and its control socket accepts a
     connection. An unhealthy target is a successful answer (targetRunning false + reason)."""
     name = req.container_name
+    if name is None:
+        return _not_running("no containerName given: no target to check")
     if not docker_name(name):
         return _not_running(f"container {name} does not exist (docker container names "
                             f"cannot contain ':')")
@@ -229,8 +228,8 @@ async def health(ctx: AgentContext, req: HealthCmd) -> HealthRsp:
     if status != "running":
         return _not_running(f"container {name} is {status}", status)
     try:
-        problem = await ctx.runner.run(control_sock_problem, req.control_sock,
-                                       timeout=SOCKET_CHECK_TIMEOUT,
+        problem = await ctx.runner.run(control_socket_problem, req.control_sock,
+                                       CONTROL_CONNECT_TIMEOUT, timeout=SOCKET_CHECK_TIMEOUT,
                                        what=f"control socket {req.control_sock} check")
     except AgentError as exc:  # stat hung (storage under the path): not running, not a failure
         problem = str(exc)

@@ -450,6 +450,32 @@ async def test_health_of_a_real_target(agent, target, short_dir):
 
 
 @pytest.mark.docker
+async def test_health_as_zstack_agent_accepts_it_without_socket_or_name(agent, target):
+    """ZStack's agent (zbs_storage_plugin.py _control_sock) checks zbs_vhost_target.py's
+    DEFAULT_CONTROL_SOCK when controlSock is empty or absent, and answers targetRunning false
+    for an absent containerName (it looks up a container named "None"): never a 400."""
+    from plugins.vhost import DEFAULT_CONTROL_SOCK
+    assert DEFAULT_CONTROL_SOCK == "/var/tmp/vhost-sockets/vhost.sock"
+    container, _ = target
+    assert not os.path.exists(DEFAULT_CONTROL_SOCK), "this host runs no ZStack vhost target"
+    for body in ({"containerName": container.name},
+                 {"containerName": container.name, "controlSock": ""},
+                 {"containerName": container.name, "controlSock": None}):
+        reply = await agent.call(HEALTH, body)
+        assert reply["success"] is True and reply["containerStatus"] == "running", reply
+        # our target runs, its socket is elsewhere: the default was checked
+        assert reply["targetRunning"] is False
+        assert reply["reason"] == f"socket {DEFAULT_CONTROL_SOCK} missing", reply
+    for body in ({"controlSock": "/var/zbsvhost/sockets/admin.sock"},
+                 {"containerName": "", "controlSock": "/var/zbsvhost/sockets/admin.sock"},
+                 {"containerName": None}):
+        status, reply = await agent.post(HEALTH, body)
+        assert status == 200, reply
+        assert reply["success"] is True and reply["targetRunning"] is False, reply
+        assert reply["reason"] == "no containerName given: no target to check", reply
+
+
+@pytest.mark.docker
 async def test_health_engine_unreachable(make_agent, short_dir, silent_socket):
     for url in (f"unix://{short_dir}/nothing.sock", silent_socket):
         agent = await make_agent(docker_url=url, docker_timeout=1)
@@ -501,7 +527,6 @@ async def test_engine_start_checks_run_off_the_loop(short_dir, monkeypatch):
     ({"containerName": "-leading", "socketPath": "/run/x.sock"}, "containerName"),
     ({"containerName": "x", "socketPath": "/run/x.sock"}, "containerName"),
     ({"containerName": "a/b", "socketPath": "/run/x.sock"}, "containerName"),
-    ({"socketPath": "/run/x.sock"}, "containerName"),
     ({"containerName": "target", "socketPath": "run/x.sock"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/run/../etc/x.sock"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/run//x.sock"}, "socketPath"),
@@ -510,7 +535,6 @@ async def test_engine_start_checks_run_off_the_loop(short_dir, monkeypatch):
     ({"containerName": "target", "socketPath": "//run/x.sock"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/run/./x.sock"}, "socketPath"),
-    ({"containerName": "target"}, "controlSock"),
     ({"containerName": "target", "controlSock": "/run/../x.sock"}, "controlSock"),
     ({"containerName": "zbsvhost-not-an-ip:", "controlSock": "/run/x.sock"}, "containerName"),
     ({"containerName": "zbsvhost-1.2.3.4:5", "controlSock": "/run/x.sock"}, "containerName"),

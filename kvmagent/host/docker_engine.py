@@ -384,3 +384,19 @@ def socket_problem(path: str) -> str | None:
     if not stat.S_ISSOCK(st.st_mode):
         return f"socket {path} is not a unix socket"
     return None
+
+
+def control_socket_problem(path: str, timeout: float) -> str | None:
+    """Why ``path`` is no live control socket (a unix stream socket that accepts a connection
+    within ``timeout`` seconds, as ZStack's agent checks a vhost target's), or None. Blocking."""
+    problem = socket_problem(path)
+    if problem is not None:
+        return problem
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:  # refused (nobody listens), timeout, wrong socket type
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            return f"control socket {path} accepts no connection: {why}"
+    return None
