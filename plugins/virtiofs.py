@@ -11,6 +11,7 @@ from kvmagent.core.models import AgentRequest, AgentResponse, WireModel
 from kvmagent.core.plugin import ASYNC, SYNC, Plugin
 from kvmagent.core.validate import AbsPath, Uuid
 from kvmagent.virtiofs import SERVICE, VirtiofsService
+from kvmagent.virtiofs.service import DEFAULT_CACHE, DEFAULT_QUEUE
 
 plugin = Plugin("virtiofs", "live virtiofs shares of model directories into VMs")
 
@@ -37,9 +38,6 @@ async def _start(ctx: AgentContext) -> None:
     await ctx.services[SERVICE].start()
 
 
-# ZStack's agent (virtiofs_device.py) defaults: cache "none", queue 1024.
-DEFAULT_CACHE = "none"
-DEFAULT_QUEUE = 1024
 MAX_QUEUE = 1024  # QEMU vhost-user-fs: queue-size a power of two, at most 1024
 
 
@@ -51,28 +49,26 @@ class AttachCmd(AgentRequest):
     mount_path: AbsPath | None = Field(None, description="where the guest agent mounts it; "
                                        "absent or empty: no in-guest mount")
     readonly: bool = Field(True, description="extension: false shares read-write")
-    cache_mode: Literal["none", "auto", "always"] = Field(
-        DEFAULT_CACHE, validation_alias=AliasChoices("cacheMode", "cache"),
-        description="virtiofsd cache mode; ZStack's MN names it 'cache' (cacheMode wins when "
-                    "both are given)")
-    queue: int = Field(DEFAULT_QUEUE, description="virtqueue size: a power of two up to 1024; "
-                       "0 (a Java int left unset) means 1024")
+    # Absent, null (and queue 0, a Java int left unset) stay None: a new share gets the
+    # default, an existing one is not compared on it (it may predate a default's change).
+    cache_mode: Literal["none", "auto", "always"] | None = Field(
+        None, validation_alias=AliasChoices("cacheMode", "cache"),
+        description=f"virtiofsd cache mode; ZStack's MN names it 'cache' (cacheMode wins when "
+                    f"both are given); absent: {DEFAULT_CACHE!r} for a new share")
+    queue: int | None = Field(None, description=f"virtqueue size: a power of two up to "
+                              f"{MAX_QUEUE}; absent or 0 (a Java int left unset): "
+                              f"{DEFAULT_QUEUE} for a new share")
 
     @field_validator("mount_path", mode="before")
     @classmethod
     def _empty_mount_path(cls, value):
         return None if value == "" else value  # ZStack: empty means no in-guest mount
 
-    @field_validator("cache_mode", mode="before")
-    @classmethod
-    def _null_cache(cls, value):
-        return DEFAULT_CACHE if value is None else value
-
     @field_validator("queue", mode="before")
     @classmethod
     def _queue(cls, value):
-        if value is None or value == 0:
-            return DEFAULT_QUEUE
+        if value is None or (value == 0 and not isinstance(value, bool)):
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be an integer")
         if value < 0 or value > MAX_QUEUE or value & (value - 1):

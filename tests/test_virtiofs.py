@@ -73,11 +73,11 @@ def test_share_xml_is_built_by_elementtree_and_parsed_back():
 
 
 @pytest.mark.parametrize("extra, cache, queue", [
-    ({}, "none", 1024),  # ZStack's current defaults
+    ({}, None, None),  # not sent: defaults for a new share, not compared for an existing one
     ({"cache": "always", "queue": 1024}, "always", 1024),  # the MN's Java field names
-    ({"cacheMode": "auto", "cache": "always"}, "auto", 1024),  # cacheMode wins
-    ({"cache": None, "queue": 0}, "none", 1024),  # null / an unset Java int
-    ({"queue": 64, "mountPath": ""}, "none", 64),
+    ({"cacheMode": "auto", "cache": "always"}, "auto", None),  # cacheMode wins
+    ({"cache": None, "queue": 0}, None, None),  # null / an unset Java int: not sent
+    ({"queue": 64, "mountPath": ""}, None, 64),
 ])
 def test_attach_fields_as_zstack_sends_them(extra, cache, queue):
     from plugins.virtiofs import AttachCmd
@@ -85,6 +85,44 @@ def test_attach_fields_as_zstack_sends_them(extra, cache, queue):
                                     **extra})
     assert (cmd.cache_mode, cmd.queue) == (cache, queue)
     assert cmd.mount_path is None
+
+
+class _Records:
+    def __init__(self, rec):
+        self.rec = rec
+
+    def load(self, vm):
+        return {"t": self.rec}
+
+
+@pytest.mark.parametrize("rec_cache, rec_queue, cache, queue, conflict", [
+    ("auto", None, None, None, False),  # recorded by the earlier version (default auto), re-sent
+    ("auto", 1024, None, None, False),  # without cache/queue: the same share, no conflict
+    ("none", 1024, "none", 1024, False),
+    ("auto", 1024, "none", None, True),  # a cache the request names and the share has not
+    ("none", 1024, None, 256, True),
+])
+def test_existing_share_is_compared_only_on_what_the_request_sends(rec_cache, rec_queue, cache,
+                                                                   queue, conflict):
+    """The unit of the rule the guest test exercises end to end: an upgraded agent got
+    ConflictError for an MN re-attach of a share made before the cache default changed."""
+    from types import SimpleNamespace
+
+    from kvmagent.core.errors import ConflictError
+    from kvmagent.virtiofs.service import VirtiofsService
+    share = VirtiofsShare(source_dir="/exp/t", tag="t", cache=rec_cache, export_dir="/exp/t",
+                          queue=rec_queue or 1024)
+    rec = {"sourcePath": "/m/x", "exportDir": share.export_dir, "readonly": True,
+           "cacheMode": rec_cache, **({"queue": rec_queue} if rec_queue else {})}
+    svc = SimpleNamespace(registry=_Records(rec))
+    check = VirtiofsService._same_or_conflict
+    if conflict:
+        with pytest.raises(ConflictError, match="detach it first"):
+            check(svc, "vm", "t", share, "/m/x", True, cache, queue)
+    else:
+        check(svc, "vm", "t", share, "/m/x", True, cache, queue)
+    with pytest.raises(ConflictError, match="readonly=true"):
+        check(svc, "vm", "t", share, "/m/x", False, None, None)
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -275,6 +313,17 @@ async def test_juicefs_model_is_shared_live_read_in_the_guest_and_detached(
 
     # Same tag and source again: a no-op. Same tag, other source: refused.
     assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"] is True
+    assert len(shares_in_xml(dom.XMLDesc(0))) == 1
+    # A share recorded before the upgrade (cache default then: auto) is re-attached by the MN
+    # without cache: the same share. A cache the MN names and the share has not: refused.
+    registry = agent.ctx.services["virtiofs"].registry
+    await registry.put(vm.uuid, "llama", {**registry.load(vm.uuid)["llama"], "cacheMode": "auto"})
+    assert (await agent.call_async(mn, "/virtiofs/attach", body))["success"] is True
+    named = await agent.call_async(mn, "/virtiofs/attach", {**body, "cache": "none"})
+    assert named["success"] is False and "cacheMode=auto" in named["error"], named
+    await registry.put(vm.uuid, "llama", {**registry.load(vm.uuid)["llama"], "cacheMode": "none"})
+    assert (await agent.call_async(mn, "/virtiofs/attach", {**body, "cache": "none",
+                                                            "queue": 1024}))["success"] is True
     assert len(shares_in_xml(dom.XMLDesc(0))) == 1
     (model.parent / "other").mkdir()
     other = await agent.call_async(mn, "/virtiofs/attach", {**body,

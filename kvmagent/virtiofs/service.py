@@ -32,6 +32,10 @@ SERVICE = "virtiofs"
 MIN_LIBVIRT = (6, 2, 0)  # virtiofs in libvirt; live attach/detach since 7.9 (checked by libvirt)
 MIN_QEMU = (5, 0, 0)  # vhost-user-fs-pci
 HOTPLUG_LIBVIRT = (7, 9, 0)  # live attach/detach of virtiofs; ZStack's virtiofsHotplugSupported
+# ZStack's agent (virtiofs_device.py) defaults: cache "none", queue 1024. Our earlier
+# version defaulted to cache "auto": shares it recorded keep it.
+DEFAULT_CACHE = "none"
+DEFAULT_QUEUE = 1024
 QGA_NOT_CONNECTED = "QGA not connected for VM, unable to mount virtiofs source inside VM"
 
 
@@ -153,7 +157,10 @@ class VirtiofsService(ReexportMixin):
 
     # -- attach -----------------------------------------------------------------------------
     async def attach(self, vm: str, tag: str, source: str, mount_path: str | None,
-                     readonly: bool, cache: str, queue: int = 1024) -> GuestMount:
+                     readonly: bool, cache: str | None = None,
+                     queue: int | None = None) -> GuestMount:
+        """``cache``/``queue`` None: not in the request. A new share gets the defaults; an
+        existing one matches whatever it has (it may predate a change of the defaults)."""
         binary = self.required_virtiofsd()
         async with self.vm_lock(vm):
             dom, active, persistent, live, _ = await self._domain(vm)
@@ -176,7 +183,8 @@ class VirtiofsService(ReexportMixin):
                     mc_entry = self._check_model_center(source, mc)
                     self._check_writable(source, mc, mc_entry, readonly)
                     await self._attach_new(dom, vm, tag, real, mc_entry, rel, persistent,
-                                           readonly, cache, binary, mount_path, queue)
+                                           readonly, cache or DEFAULT_CACHE, binary,
+                                           mount_path, queue or DEFAULT_QUEUE)
             # Under the VM's lock: a detach right behind must find the in-guest mount to undo.
             return await self._mount_in_guest(dom, live, tag, mount_path, readonly)
 
@@ -193,7 +201,9 @@ class VirtiofsService(ReexportMixin):
                                  self.config.virtiofs_guest_mount_wait, fresh)
 
     def _same_or_conflict(self, vm: str, tag: str, share: VirtiofsShare | None, real: str,
-                          readonly: bool, cache: str, queue: int) -> None:
+                          readonly: bool, cache: str | None, queue: int | None) -> None:
+        """Refuse another source, or a setting the request names (cache/queue only when
+        sent: None matches anything) that differs from the existing share's."""
         rec = self.registry.load(vm).get(tag)
         if rec and share is not None and rec.get("exportDir") == share.source_dir:
             have = (rec["sourcePath"], bool(rec.get("readonly")), rec.get("cacheMode"),
@@ -204,7 +214,9 @@ class VirtiofsService(ReexportMixin):
         if have[0] != real:
             raise ConflictError(f"VM {vm} already shares tag {tag} from {have[0]}; detach it "
                                 f"before sharing {real} under that tag")
-        if have[1:] != (readonly, cache, queue):
+        wanted = (readonly, have[2] if cache is None else cache,
+                  have[3] if queue is None else queue)
+        if have[1:] != wanted:
             raise ConflictError(f"VM {vm} already shares {real} as tag {tag} with readonly="
                                 f"{str(have[1]).lower()} cacheMode={have[2]} queue={have[3]}; "
                                 f"detach it first to change that")
