@@ -1,8 +1,9 @@
 """Vhost storage target environment: hugepages, hugetlbfs and the docker engine.
 
-The mechanisms live in :mod:`kvmagent.hugepages` and :mod:`kvmagent.docker_engine`; this module
-declares the commands. Pool changes of one page size are serialised (lock ``hugepages/<size>``),
-so two prepares at once allocate once: the second finds the pages already there.
+The mechanisms live in :mod:`kvmagent.host.hugepages` and :mod:`kvmagent.host.docker_engine`
+(the control-socket check too); this module declares the commands. Pool changes of one page
+size are serialised (lock ``hugepages/<size>``), so two prepares at once allocate once: the
+second finds the pages already there.
 
 A request naming a NUMA node or page size this host does not have fails like any invalid body
 (HTTP 400 for a sync call or an inline async one, ``success: false`` in the callback), before
