@@ -54,7 +54,7 @@ async def test_graceful_stop_shuts_the_guest_down_through_acpi(vm_agent, mn, lv,
     assert "KVMAGENT-GUEST-POWEROFF" in vm.console.text(), "guest did not see the ACPI power button"
     assert domain(lv[0], vm.uuid) is None
     states = await vm_agent.call("/vm/vmstate", {"vmUuids": [vm.uuid]})
-    assert states["states"] == {vm.uuid: "Stopped"}
+    assert states["states"] == {vm.uuid: "Shutdown"}
 
 
 async def test_force_stop_destroy_and_idempotence(vm_agent, mn, lv, guest_image, workdir):
@@ -79,14 +79,14 @@ async def test_pause_resume_and_state_sync(vm_agent, mn, lv, guest_image, workdi
     vm = await boot_vm(vm_agent, mn, lv, guest_image, workdir)
     assert (await vm_agent.call_async(mn, "/vm/pause", {"uuid": vm.uuid}))["state"] == "Paused"
     assert domain(lv[0], vm.uuid).state()[0] == libvirt.VIR_DOMAIN_PAUSED
-    sync = await vm_agent.call("/vm/vmsync")
-    assert sync["states"][vm.uuid] == "Paused"
+    sync = await vm_agent.call_async(mn, "/vm/vmsync", {})
+    assert sync["states"][vm.uuid] == "Paused" and vm.uuid not in sync["vmInShutdowns"]
     assert (await vm_agent.call_async(mn, "/vm/resume", {"uuid": vm.uuid}))["state"] == "Running"
     beats = vm.console.count("KVMAGENT-GUEST-ALIVE")
     await vm.console.wait_for("KVMAGENT-GUEST-ALIVE", occurrences=beats + 1, timeout=30)
     missing = uuidlib.uuid4().hex
     states = await vm_agent.call("/vm/vmstate", {"vmUuids": [vm.uuid, missing]})
-    assert states["states"] == {vm.uuid: "Running", missing: "Stopped"}
+    assert states["states"] == {vm.uuid: "Running", missing: "Shutdown"}
 
 
 async def test_changes_made_outside_the_agent_are_reported_and_reboots_are_not(
@@ -101,10 +101,10 @@ async def test_changes_made_outside_the_agent_are_reported_and_reboots_are_not(
     await vm.console.wait_for(BOOT_MARKER, occurrences=2)
     dom.destroy()  # e.g. the qemu process was killed
     stopped = await mn.wait_report("/kvm/reportvmstate",
-                                   lambda b: b["vmUuid"] == vm.uuid and b["vmState"] == "Stopped")
-    assert stopped == {"hostUuid": "host-1", "vmUuid": vm.uuid, "vmState": "Stopped"}
+                                   lambda b: b["vmUuid"] == vm.uuid and b["vmState"] == "Shutdown")
+    assert stopped == {"hostUuid": "host-1", "vmUuid": vm.uuid, "vmState": "Shutdown"}
     states = [b["vmState"] for b in mn.reports_for("/kvm/reportvmstate") if b["vmUuid"] == vm.uuid]
-    assert states == ["Paused", "Running", "Stopped"], "the reboot must not be reported as a stop"
+    assert states == ["Paused", "Running", "Shutdown"], "the reboot must not be reported as a stop"
 
 
 async def test_enable_ha_update_reconcile_and_restart(make_agent, vm_agent, mn, lv, guest_image, workdir):
