@@ -195,7 +195,11 @@ def _set_ignore_msrs(ctx: AgentContext, on: bool) -> None:
         log.info("ignoreMsrs: %s not present (kvm not loaded); nothing to set", path)
         return
     if current != on:
-        path.write_text("Y\n" if on else "N\n")
+        try:
+            path.write_text("Y\n" if on else "N\n")
+        except OSError as exc:
+            raise AgentError(f"ignoreMsrs: cannot set {path} to {'Y' if on else 'N'}: "
+                             f"{exc.strerror}") from None
         log.info("ignoreMsrs: %s set to %s", path, "Y" if on else "N")
 
 

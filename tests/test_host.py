@@ -25,21 +25,23 @@ def real_versions() -> tuple[str, str]:
 
 async def test_connect_persists_identity_and_reports_versions(make_agent, mn):
     agent = await make_agent()
-    reply = await agent.call("/host/connect", {"hostUuid": "3f1c0e2a", "sendCommandUrl": mn.send_command_url})
+    reply = await agent.call("/host/connect", {"hostUuid": "3f1c0e2a", "sendCommandUrl": mn.send_command_url,
+                                               "version": "5.2.1"})
     libvirt_version, qemu_version = real_versions()
     assert reply["success"] is True
     assert (reply["libvirtVersion"], reply["qemuVersion"]) == (libvirt_version, qemu_version)
     # A restarted agent (same state dir) still knows who it is and where the MN is.
     again = await make_agent()
     ping = await again.call_async(mn, "/host/ping", {"hostUuid": "3f1c0e2a"})
-    assert ping == {"success": True, "error": None, "hostUuid": "3f1c0e2a",
-                    "version": ping["version"], "sendCommandUrl": mn.send_command_url}
+    assert ping == {"success": True, "error": None, "hostUuid": "3f1c0e2a", "version": "5.2.1",
+                    "sendCommandUrl": mn.send_command_url, "agentVersion": ping["agentVersion"]}
 
 
-async def test_ping_for_another_host_fails_so_the_mn_reconnects(agent):
-    await agent.call("/host/connect", {"hostUuid": "aaa"})
+async def test_ping_for_another_host_answers_our_uuid_so_the_mn_reconnects(agent):
+    """KVMHost.needReconnectHost: rsp.hostUuid != the MN's host uuid => reconnect at once."""
+    await agent.call("/host/connect", {"hostUuid": "aaa", "version": "5.2.1"})
     reply = await agent.call("/host/ping", {"hostUuid": "bbb"})
-    assert reply["success"] is False and "host uuid mismatch" in reply["error"]
+    assert (reply["success"], reply["hostUuid"], reply["version"]) == (True, "aaa", "5.2.1")
 
 
 async def test_connect_rejects_bad_host_uuid(agent):
@@ -62,7 +64,7 @@ async def test_fact_matches_the_machine(agent):
     assert fact["totalMemory"] == psutil.virtual_memory().total
     assert (fact["libvirtVersion"], fact["qemuVersion"]) == (libvirt_version, qemu_version)
     assert fact["kernelVersion"] == os.uname().release
-    assert fact["osDistribution"] and fact["cpuModelName"]
+    assert fact["osDistribution"] and fact["cpuModelName"] and fact["hostCpuModelName"]
     with open("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages") as fh:
         assert fact["hugepages"]["2M"]["total"] == int(fh.read())
     assert fact["libvirtAvailable"] is True
@@ -71,7 +73,14 @@ async def test_fact_matches_the_machine(agent):
 async def test_capacity(agent):
     cap = await agent.call("/host/capacity")
     assert cap["cpuNum"] == os.cpu_count()
-    assert 0 < cap["usedMemory"] < cap["totalMemory"] == psutil.virtual_memory().total
+    assert cap["totalMemory"] == psutil.virtual_memory().total
+    conn = libvirt.open("qemu:///system")  # used = what the active domains hold (other tests' too)
+    try:
+        infos = [d.info() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+    finally:
+        conn.close()
+    assert cap["usedCpu"] >= 0 and cap["usedMemory"] >= 0
+    assert abs(cap["usedMemory"] - sum(i[2] for i in infos) * 1024) <= 4 * 2**30  # VMs come and go
 
 
 async def test_libvirt_down_still_answers_ping_and_reports_unavailable(make_agent):
