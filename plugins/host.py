@@ -21,7 +21,7 @@ from kvmagent.core.errors import AgentError
 from kvmagent.core.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
 from kvmagent.core.blocking import run_process
 from kvmagent.core.plugin import ASYNC, SYNC, Plugin
-from kvmagent.host import facts
+from kvmagent.host import facts, iptables
 from kvmagent.host.hugepages import PAGE_SIZES_KB, HugePages
 from kvmagent.host.liveness import mn_host, write_counter
 
@@ -215,17 +215,13 @@ def _start_liveness(ctx: AgentContext, url: str | None, port: int) -> None:
 @plugin.command("/host/connect", mode=SYNC)
 async def connect(ctx: AgentContext, req: ConnectCmd) -> ConnectRsp:
     """Bind this agent to a host uuid, learn the MN's report URL and version (persisted)."""
-    if req.iptables_rules:
-        # Each rule is a free-form iptables argument string run as root (ZU). Refused: the
-        # host firewall is the operator's; README "ZStack compatibility / Host".
-        raise AgentError(
-            f"iptablesRules: this agent does not apply firewall rules sent by the MN "
-            f"({len(req.iptables_rules)} given); put them in the host's own firewall and remove "
-            "KvmHost.iptables.rule.* from the MN's zstack.properties")
+    iptables.plan(req.iptables_rules)  # refuse a bad rule before anything changes
     await ctx.runner.run(_check_ept, ctx, req.page_table_extension_disabled,
                          timeout=SYSFS_TIMEOUT, what="kvm_intel ept check")
     await ctx.runner.run(_set_ignore_msrs, ctx, req.ignore_msrs, timeout=SYSFS_TIMEOUT,
                          what="kvm ignore_msrs")
+    if req.iptables_rules:
+        await iptables.apply(ctx.config.iptables_command, req.iptables_rules)
     previous = ctx.identity.host_uuid
     ctx.identity.update(req.host_uuid, req.send_command_url)
     ctx.state.save(VERSION_DOC, {"version": req.version})

@@ -44,7 +44,7 @@ class VolumeTO(WireModel):
     volume_uuid: Uuid | None = None
     resource_uuid: Uuid | None = None
     use_virtio: bool = True
-    use_virtio_scsi: bool = False
+    use_virtio_scsi: bool = Field(False, alias="useVirtioSCSI")
     shareable: bool = False
     cache_mode: Literal["none", "writethrough", "writeback", "directsync", "unsafe",
                         "default"] | None = "none"

@@ -123,3 +123,26 @@ async def test_reconnects_after_libvirtd_restart(agent):
         await asyncio.sleep(0.2)
     assert agent.ctx.libvirt.available, "agent did not reconnect after libvirtd came back"
     assert (await agent.call("/host/fact"))["libvirtAvailable"] is True
+
+
+@pytest.mark.parametrize("rule, check", [
+    ("-A INPUT -p tcp --dport 500 -j ACCEPT", ["-C", "INPUT", "-p", "tcp", "--dport", "500", "-j", "ACCEPT"]),
+    ("-I INPUT 1 -j ZS", ["-C", "INPUT", "-j", "ZS"]),
+    ("-t nat -A POSTROUTING -j MASQUERADE", ["-t", "nat", "-C", "POSTROUTING", "-j", "MASQUERADE"]),
+    ("-N ZS-HOST", ["-S", "ZS-HOST"]),
+    ("-A INPUT -j ACCEPT; rm -rf /", ["-C", "INPUT", "-j", "ACCEPT;", "rm", "-rf", "/"]),  # argv, no shell
+])
+def test_iptables_rule_plan(rule, check):
+    from kvmagent.host.iptables import plan
+
+    assert plan([rule])[0][0] == check
+
+
+@pytest.mark.parametrize("rule", ["-F", "-D INPUT -j ACCEPT", "-P INPUT ACCEPT", "-X ZS",
+                                  "-t security -A INPUT -j ACCEPT", "-A 'unterminated", ""])
+def test_iptables_rules_that_do_not_add_are_refused(rule):
+    from kvmagent.core.errors import AgentError
+    from kvmagent.host.iptables import plan
+
+    with pytest.raises(AgentError, match=r"iptablesRules\.0"):
+        plan([rule])

@@ -59,6 +59,9 @@ class AgentConfig(BaseModel):
     vm_console_log_dir: Path = Field(
         Path("/var/log/kvmagent/console"),
         description="consoleLogToFile: <dir>/<vmUuid>-vm-kernel.log (written by virtlogd)")
+    iptables_command: list[str] = Field(
+        ["iptables"], description="argv prefix that runs iptables for ConnectCmd.iptablesRules "
+        "(e.g. iptables-legacy)")
     vm_vnc_listen: str = Field(
         "0.0.0.0", description="address VNC consoles listen on (the MN's console proxy connects "
         "to the host's management IP)")

@@ -8,8 +8,9 @@ KVMHost.java puts them on the wire; the hugepage bodies from ZU host_plugin.py
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
+import subprocess
+import uuid as uuidlib
 from pathlib import Path
 
 import psutil
@@ -110,11 +111,43 @@ async def test_connect_opens_the_mns_tcp_liveness_channel(agent, mn):
         server.close()
 
 
-async def test_iptables_rules_are_refused_and_change_nothing(agent, mn):
-    rule = "-A INPUT -s 172.20.0.100/32 -p tcp --dport 500 -j ACCEPT"  # conf/zstack.properties
-    reply = await mn_sync(agent, "/host/connect", connect_cmd(mn, iptablesRules=[rule]))
-    assert reply["success"] is False and "iptablesRules" in reply["error"]
-    assert agent.ctx.identity.host_uuid is None
+@pytest.fixture
+def netns():
+    """A network namespace whose firewall stands in for the host's (the host's own firewall is
+    shared with the other tests on this machine)."""
+    name = f"kvt-ipt-{uuidlib.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def rules_in(ns: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "iptables", "-S"], check=True,
+                         capture_output=True, text=True).stdout
+    return out.splitlines()
+
+
+async def test_iptables_rules_are_applied_once(make_agent, mn, netns):
+    """KvmHost.iptables.rule.* (conf/zstack.properties examples), sent at every connect."""
+    agent = await make_agent(iptables_command=["ip", "netns", "exec", netns, "iptables"])
+    rules = ["-N ZS-HOST", "-A ZS-HOST -s 172.20.0.100/32 -d 10.0.0.1/32 -p tcp -m tcp "
+             "--sport 4000 --dport 500 -j ACCEPT", "-I INPUT 1 -j ZS-HOST"]
+    for _ in range(2):  # a reconnect replays them: nothing twice
+        reply = await mn_sync(agent, "/host/connect", connect_cmd(mn, iptablesRules=rules,
+                                                                  tcpServerPort=0))
+        assert reply["success"] is True, reply
+    applied = rules_in(netns)
+    assert applied.count("-N ZS-HOST") == 1 and applied.count("-A INPUT -j ZS-HOST") == 1
+    assert len([r for r in applied if r.startswith("-A ZS-HOST")]) == 1
+
+
+async def test_iptables_rules_that_remove_are_refused_and_change_nothing(make_agent, mn, netns):
+    agent = await make_agent(iptables_command=["ip", "netns", "exec", netns, "iptables"])
+    before = rules_in(netns)
+    rules = ["-N ZS-HOST", "-F INPUT"]
+    reply = await mn_sync(agent, "/host/connect", connect_cmd(mn, iptablesRules=rules))
+    assert reply["success"] is False and "iptablesRules.1" in reply["error"]
+    assert rules_in(netns) == before and agent.ctx.identity.host_uuid is None
 
 
 def fake_kvm_params(root: Path, ignore_msrs: str, ept: str | None) -> Path:
@@ -176,19 +209,6 @@ async def test_capacity_as_the_capacity_check_reads_it(agent, mn):
     assert cap["usedCpu"] >= 0 and cap["usedMemory"] >= 0
 
 
-@pytest.fixture
-def hugepage_lock():
-    """Hugepage counts are machine-global: serialise with the other worktrees' tests."""
-    with open("/tmp/kvmagent-hugepages.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        before = int((HUGEPAGES_2M / "nr_hugepages").read_text())
-        try:
-            yield
-        finally:
-            (HUGEPAGES_2M / "nr_hugepages").write_text(f"{before}\n")
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def pages_2m() -> tuple[int, int]:
     return (int((HUGEPAGES_2M / "nr_hugepages").read_text()),
             int((HUGEPAGES_2M / "free_hugepages").read_text()))
@@ -226,7 +246,7 @@ async def test_enable_and_disable_hugepage(make_agent, mn, hugepage_lock):
     ({"pageSize": 2, "reserveSize": 2**62}, "reserveSize"),
     ({"pageSize": 2}, "reserveSize"),
 ])
-async def test_bad_hugepage_requests_fail_naming_the_field(agent, mn, body, field):
+async def test_bad_hugepage_requests_fail_naming_the_field(agent, mn, body, field, hugepage_lock):
     before = pages_2m()[0]
     reply = await mn_async(agent, mn, "/host/enable/hugepage", body)
     assert reply["success"] is False and f"'{field}'" in reply["error"]

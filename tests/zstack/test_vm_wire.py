@@ -221,6 +221,31 @@ async def test_a_zstack_vm_on_nfs_storage_through_its_life(zs_agent, mn, lv, gue
     assert states <= {"NoState", "Running", "Paused", "Shutdown", "Crashed", "Suspended"}
 
 
+async def test_use_huge_page_and_shared_mem_access_back_the_guest_with_hugepages(
+        zs_agent, mn, lv, guest_image, nfs_ps, hugepage_lock):
+    """useHugePage + MemAccess "shared" (what the MN sets for vhost volumes): the guest's
+    memory comes from the 2M pool, shared (virtiofs and vhost need that)."""
+    pool = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+    free_before = int((pool / "free_hugepages").read_text())
+    (pool / "nr_hugepages").write_text(f"{int((pool / 'nr_hugepages').read_text()) + 128}\n")
+    vm = uuidlib.uuid4().hex
+    body = start_vm_cmd(vm, 8, ps_volume(nfs_ps), None, "fa:62:4a:61:6c:02")
+    for name in ("kernel", "initrd"):
+        shutil.copy(getattr(guest_image, name), nfs_ps / name)
+    body.update(useHugePage=True, MemAccess="shared",
+                bootKernel={"kernel": str(nfs_ps / "kernel"), "initrd": str(nfs_ps / "initrd"),
+                            "cmdline": "console=ttyS0"})
+    lv[1].append(vm)
+    started = await mn_async(zs_agent, mn, "/vm/start", body, timeout=120)
+    assert started["success"] is True, started
+    await Console(zs_agent.config.vm_console_log_dir / f"{vm}-vm-kernel.log").wait_for(BOOT_MARKER)
+    backing = ET.fromstring(lv[0].lookupByUUIDString(vm).XMLDesc(0)).find("memoryBacking")
+    assert backing.find("hugepages") is not None
+    assert backing.find("access").get("mode") == "shared"
+    assert int((pool / "free_hugepages").read_text()) < free_before + 128  # the guest took pages
+    assert (await mn_async(zs_agent, mn, "/vm/destroy", {"uuid": vm}))["success"]
+
+
 async def test_destroy_as_gc_sends_it_for_a_vm_that_is_gone(zs_agent, mn):
     """KVMHost.directlyDestroy: only {uuid, kvmHostAddons}; a missing VM is destroyed."""
     body = {"uuid": uuidlib.uuid4().hex, "kvmHostAddons": {}}
