@@ -170,8 +170,16 @@ class VmService:
                     raise
                 return states.state_name(dom.state()[0]), True, dom.XMLDesc(0)
 
-            state, created, live = await self.call(
-                start, timeout=max(self.config.libvirt_call_timeout, 120))
+            try:
+                state, created, live = await self.call(
+                    start, timeout=max(self.config.libvirt_call_timeout, 120))
+            except AgentError as exc:
+                if "hugetlbfs" in str(exc):  # libvirtd looks for hugetlbfs mounts when it starts
+                    raise AgentError(
+                        f"useHugePage: {exc}; libvirtd knows no hugetlbfs mount: mount one (e.g. "
+                        "/dev/hugepages, as systemd does at boot) and restart libvirtd, or set "
+                        "hugetlbfs_mount in /etc/libvirt/qemu.conf") from None
+                raise
             self._set_known(spec.name, state)
             self._flag_changed(spec.name, spec.enable_ha)
             log.info("VM %s %s (%s)", spec.name, "started" if created else "already running", state)
