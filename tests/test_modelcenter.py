@@ -557,6 +557,9 @@ async def test_dead_juicefs_is_remounted(make_agent, mn, tmp_path, mount_cleanup
     while health[mc].remounts < 1 or not health[mc].healthy:
         assert time.monotonic() < deadline, f"not remounted: {health[mc]}"
         await asyncio.sleep(0.1)
-    assert "not connected" in (health[mc].last_problem or ""), health[mc]
+    # A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED when a request was in
+    # flight as it died (seen once in CI): either way the problem names the dead connection.
+    assert health[mc].last_problem in ("Transport endpoint is not connected",
+                                       "Software caused connection abort"), health[mc]
     assert (point / "a.txt").read_text() == "a\n"
     assert mounttable.mounts_at(point) == 1 and not any(alive(pid) for pid in old)
