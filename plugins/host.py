@@ -41,6 +41,9 @@ HUGEPAGE_TIMEOUT = 60.0
 @plugin.on_startup
 async def _start(ctx: AgentContext) -> None:
     ctx.services[HUGEPAGES] = HugePages(ctx.config.sysfs_root, ctx.config.procfs_root)
+    connected = ctx.state.load(VERSION_DOC) or {}
+    if connected.get("tcpServerPort"):  # the MN does not reconnect a host that answers pings
+        _start_liveness(ctx, ctx.identity.send_command_url, connected["tcpServerPort"])
     wanted = ctx.state.load(HUGEPAGE_DOC)
     if wanted:  # runtime pools are lost by a reboot; ZU kept them on the kernel command line
         ctx.spawn(_reapply_hugepages(ctx, wanted["pageSize"], wanted["reserveSize"]),
@@ -224,7 +227,7 @@ async def connect(ctx: AgentContext, req: ConnectCmd) -> ConnectRsp:
         await iptables.apply(ctx.config.iptables_command, req.iptables_rules)
     previous = ctx.identity.host_uuid
     ctx.identity.update(req.host_uuid, req.send_command_url)
-    ctx.state.save(VERSION_DOC, {"version": req.version})
+    ctx.state.save(VERSION_DOC, {"version": req.version, "tcpServerPort": req.tcp_server_port})
     if previous and previous != req.host_uuid:
         log.warning("host uuid changed from %s to %s", previous, req.host_uuid)
     _start_liveness(ctx, ctx.identity.send_command_url, req.tcp_server_port)

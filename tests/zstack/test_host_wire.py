@@ -92,7 +92,7 @@ async def test_update_configuration_moves_reports_to_the_new_url(agent, mn):
     assert (await mn.wait_report("/kvm/reportvmstate"))["hostUuid"] == HOST
 
 
-async def test_connect_opens_the_mns_tcp_liveness_channel(agent, mn):
+async def test_connect_opens_the_mns_tcp_liveness_channel(make_agent, mn):
     """tcpServerPort: the MN's TCP server (KVMHostFactory.startTcpServer) expects a connection
     from the host that keeps writing; we play that server on the MN stub's address."""
     received = asyncio.Queue()
@@ -104,8 +104,13 @@ async def test_connect_opens_the_mns_tcp_liveness_channel(agent, mn):
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
+        agent = await make_agent()
         reply = await mn_sync(agent, "/host/connect", connect_cmd(mn, tcpServerPort=port))
         assert reply["success"] is True
+        assert (await asyncio.wait_for(received.get(), 10)).startswith(b"0")
+        # An agent restart: the MN sees pings answered and does not connect again.
+        await agent.client.close()
+        await make_agent()
         assert (await asyncio.wait_for(received.get(), 10)).startswith(b"0")
     finally:
         server.close()
