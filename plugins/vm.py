@@ -123,7 +123,8 @@ class StartVmCmd(AgentRequest):
     machine_type: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
     boot_dev: list[Literal["hd", "cdrom", "network"]] = Field(default_factory=lambda: ["hd"],
                                                               max_length=3)
-    boot_mode: str | None = Field(None, max_length=32)
+    boot_mode: str | None = Field(None, max_length=32, description="Legacy or UEFI")
+    secure_boot: bool = False
     use_boot_menu: bool = False
     boot_menu_splash_timeout: int | None = Field(None, ge=0, le=65535)
     create_paused: bool = False

@@ -245,7 +245,8 @@ def test_a_disabled_nic_has_its_link_down_and_queues():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"bootMode": "UEFI"}, "bootMode 'UEFI' is not supported"),
+    ({"bootMode": "UEFI_WITH_CSM"}, "bootMode 'UEFI_WITH_CSM' is not supported"),
+    ({"bootMode": "UEFI", "secureBoot": True}, "secure boot needs machineType q35"),
     ({"nics": [{"mac": "fa:62:4a:61:6c:00", "type": "VF"}]}, "NIC type 'VF' is not supported"),
     ({"socketNum": 1, "cpuOnSocket": 1}, "must equal cpuNum (2)"),
     ({"cdRoms": [{"path": "ceph://pool/iso"}]}, "only ISO files on a file system"),

@@ -126,9 +126,14 @@ def _nic(svc: Any, nic: Any, what: str) -> BridgeNic:
 
 def build_domain(svc: Any, cmd: Any, domain_type: str, vnc_listen: str,
                  console_dir: str) -> Domain:
-    if cmd.boot_mode and cmd.boot_mode != "Legacy":
-        raise AgentError(f"bootMode {cmd.boot_mode!r} is not supported by this agent (Legacy only)")
     machine = cmd.machine_type or "pc"
+    boot_mode = cmd.boot_mode or "Legacy"
+    if boot_mode not in ("Legacy", "UEFI"):
+        raise AgentError(f"bootMode {boot_mode!r} is not supported by this agent (Legacy, UEFI; "
+                         "the OVMF firmware here has no CSM)")
+    secure_boot = boot_mode == "UEFI" and cmd.secure_boot
+    if secure_boot and "q35" not in machine:
+        raise AgentError(f"secureBoot: UEFI secure boot needs machineType q35, not {machine!r}")
     letters = _Letters()
     disks = [_volume(svc, cmd.root_volume, "rootVolume", letters)]
     for i, vol in enumerate(sorted(cmd.data_volumes, key=lambda v: v.device_id)):
@@ -172,7 +177,8 @@ def build_domain(svc: Any, cmd: Any, domain_type: str, vnc_listen: str,
         vnc=Vnc(vnc_listen, cmd.console_password) if cmd.console_mode == "vnc" else None,
         video=cmd.video_type if cmd.console_mode == "vnc" else None,
         cpu_shares=cmd.priority_config_struct.cpu_shares if cmd.priority_config_struct else None,
-        smbios_serial=cmd.system_serial_number, smbios_asset_tag=cmd.chassis_asset_tag)
+        smbios_serial=cmd.system_serial_number, smbios_asset_tag=cmd.chassis_asset_tag,
+        uefi=boot_mode == "UEFI", secure_boot=secure_boot)
 
 
 # -- what the MN reads back: device addresses of the running domain ----------------------------

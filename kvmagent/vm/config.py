@@ -188,6 +188,8 @@ class Domain:
     cpu_shares: int | None = None
     smbios_serial: str | None = None
     smbios_asset_tag: str | None = None
+    uefi: bool = False  # libvirt picks the firmware (OVMF) from its descriptors
+    secure_boot: bool = False
 
     def render(self) -> ET.Element:
         dom = ET.Element("domain", {"type": self.domain_type})
@@ -206,7 +208,12 @@ class Domain:
             sub(sub(dom, "cputune"), "shares", str(self.cpu_shares))
         self._render_memory_backing(dom)
         self._render_sysinfo(dom)
-        os_ = sub(dom, "os")
+        os_ = sub(dom, "os", firmware="efi" if self.uefi else None)
+        if self.uefi:
+            firmware = sub(os_, "firmware")
+            sub(firmware, "feature", enabled="yes" if self.secure_boot else "no", name="secure-boot")
+            if self.secure_boot:
+                sub(firmware, "feature", enabled="yes", name="enrolled-keys")
         sub(os_, "type", "hvm", arch="x86_64", machine=self.machine)
         if self.kernel:
             sub(os_, "kernel", self.kernel.kernel)
@@ -224,6 +231,8 @@ class Domain:
         features = sub(dom, "features")
         sub(features, "acpi")  # without ACPI nothing can be hot-plugged
         sub(features, "apic")
+        if self.secure_boot:
+            sub(features, "smm", state="on")  # secure boot firmware runs in SMM
         self._render_cpu(dom)
         sub(dom, "clock", offset=self.clock)
         sub(dom, "on_poweroff", "destroy")

@@ -251,6 +251,29 @@ async def test_use_huge_page_and_shared_mem_access_back_the_guest_with_hugepages
     assert (await mn_async(zs_agent, mn, "/vm/destroy", {"uuid": vm}))["success"]
 
 
+@pytest.mark.parametrize("machine, secure", [("pc", False), ("q35", True)])
+async def test_uefi_boot_mode(zs_agent, mn, lv, guest_image, nfs_ps, machine, secure):
+    """bootMode UEFI (the BOOT_MODE tag) + secureBoot (vm.enable.uefi.secure.boot, set only
+    for UEFI): libvirt picks OVMF from its firmware descriptors; the VM's NVRAM goes with it."""
+    vm = uuidlib.uuid4().hex
+    body = start_vm_cmd(vm, 9, ps_volume(nfs_ps), None, "fa:62:4a:61:6c:03")
+    for name in ("kernel", "initrd"):
+        shutil.copy(getattr(guest_image, name), nfs_ps / name)
+    body.update(bootMode="UEFI", secureBoot=secure, machineType=machine,
+                bootKernel={"kernel": str(nfs_ps / "kernel"), "initrd": str(nfs_ps / "initrd"),
+                            "cmdline": "console=ttyS0"})
+    lv[1].append(vm)
+    started = await mn_async(zs_agent, mn, "/vm/start", body, timeout=120)
+    assert started["success"] is True, started
+    await Console(zs_agent.config.vm_console_log_dir / f"{vm}-vm-kernel.log").wait_for(BOOT_MARKER)
+    os_ = ET.fromstring(lv[0].lookupByUUIDString(vm).XMLDesc(0)).find("os")
+    loader, nvram = os_.find("loader"), os_.find("nvram")
+    assert "OVMF" in loader.text and loader.get("secure", "no") == ("yes" if secure else "no")
+    assert Path(nvram.text).exists()
+    assert (await mn_async(zs_agent, mn, "/vm/destroy", {"uuid": vm}))["success"]
+    assert not Path(nvram.text).exists(), "the VM's NVRAM must not outlive it"
+
+
 async def test_destroy_as_gc_sends_it_for_a_vm_that_is_gone(zs_agent, mn):
     """KVMHost.directlyDestroy: only {uuid, kvmHostAddons}; a missing VM is destroyed."""
     body = {"uuid": uuidlib.uuid4().hex, "kvmHostAddons": {}}
