@@ -53,8 +53,23 @@ async def _run(workdir: Path) -> dict[str, object]:
         deadline = time.monotonic() + 15
         while not sock.is_socket() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        # The target's control socket: a unix stream socket that accepts connections (as
+        # SPDK's JSON-RPC socket does); health connects to it.
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control.bind(str(workdir / "admin.sock"))
+        control.listen(256)
+
+        def serve() -> None:  # accept and drop, as a target answers its control socket
+            while True:
+                try:
+                    conn, _ = control.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
         async with agent(workdir / "a", DEFAULT_URL, 10) as http:
-            body = {"containerName": name, "socketPath": str(sock)}
+            body = {"containerName": name, "controlSock": str(workdir / "admin.sock")}
             latencies: list[float] = []
 
             async def worker(n: int) -> None:
@@ -62,7 +77,7 @@ async def _run(workdir: Path) -> dict[str, object]:
                     t0 = time.perf_counter()
                     resp = await http.post(HEALTH, json=body)
                     reply = await resp.json()
-                    assert reply["healthy"], reply
+                    assert reply["targetRunning"], reply
                     latencies.append(time.perf_counter() - t0)
 
             await worker(20)  # warm-up
@@ -73,6 +88,8 @@ async def _run(workdir: Path) -> dict[str, object]:
             p = percentiles(latencies)
             figures["health_checks_per_s (real container)"] = len(latencies) / elapsed
             figures["health_p50_ms / p99_ms"] = f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f}"
+        control.shutdown(socket.SHUT_RDWR)
+        control.close()
     finally:
         container.remove(force=True)
         client.close()
@@ -91,7 +108,7 @@ async def _run(workdir: Path) -> dict[str, object]:
                 echo.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             replies = [await (await r).json() for r in hung]
-            assert all(r["healthy"] is False for r in replies)
+            assert all(r["targetRunning"] is False for r in replies)
             p = percentiles(echo)
             figures[f"echo_p50_ms / p99_ms while {HUNG} health checks hang"] = \
                 f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f}"

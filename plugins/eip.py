@@ -22,21 +22,28 @@ object from the MN still deletes (other fields are ignored, even if they would b
     Reply: ``eips`` (uuids this agent has applied), ``orphansRemoved`` (names),
     ``repaired`` (uuids that needed a change), ``failedEips``.
 
-EIP fields: ``eipUuid, vmUuid, vip, vipNetmask, vipGateway, publicBridgeName, nicUuid, nicMac,
-nicIp, nicNetmask, nicGateway, vmBridgeName, skipArpCheck?`` (default false: before the VIP is
-first put up, an ARP probe on the public bridge fails the apply when another MAC holds it).
-Netmasks are dotted (a prefix length is accepted too).
+EIP fields (ZStack's ``FlatEipBackend.EipTO``): ``eipUuid, vmUuid, ipVersion? (4), vip,
+vipNetmask, vipPrefixLen, vipGateway, publicBridgeName, nicUuid, nicMac, nicIp, nicNetmask,
+nicPrefixLen, nicGateway, vmBridgeName, skipArpCheck? (false), addfdb? (false), physicalNic?``;
+``vipUuid`` and ``nicName`` are read and not needed. IPv4 takes the dotted netmasks (a prefix
+length as fallback), IPv6 the prefix lengths (the netmask as fallback). skipArpCheck false:
+before an IPv4 VIP is first put up, an ARP probe on the public bridge fails the apply when
+another MAC holds it. addfdb + physicalNic: the namespace's VM-side MAC in that NIC's fdb.
 
 Start-up: records of applied EIPs (state ``eips/<eipUuid>``) are loaded and each EIP is
-checked and repaired in the background. The ``selffencer.vms_killed`` hook deletes the EIPs of
-the VMs the HA self-fencer killed. Mechanisms live in :mod:`kvmagent.eip`.
+checked and repaired in the background, its accept rules in the host's FORWARD chain included
+(:mod:`kvmagent.eip.hostfw`; checked again every ``firewall_check`` seconds). The
+``selffencer.vms_killed`` hook deletes the EIPs of the VMs the HA self-fencer killed.
+Mechanisms live in :mod:`kvmagent.eip`.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
 from kvmagent.core.context import AgentContext
 from kvmagent.core.models import AgentRequest, AgentResponse, WireModel
@@ -47,9 +54,12 @@ from kvmagent.eip.spec import (
     EipSpec,
     check_consistency,
     check_ifname,
-    check_ipv4,
+    check_ip,
+    check_ip_version,
     check_mac,
     check_netmask,
+    check_nic_name,
+    check_prefix6,
     check_uuid,
 )
 from kvmagent.ha.fencer import HOOK_VMS_KILLED
@@ -59,37 +69,82 @@ log = logging.getLogger(__name__)
 SERVICE = "eip"
 
 
+def _check_any_ip(value: str) -> str:
+    """Syntax only here (the version check needs ipVersion, see EipTO._consistent)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
 class EipTO(WireModel):
+    """ZStack's ``FlatEipBackend.EipTO``. IPv4 uses the netmasks (a prefix length is the
+    fallback), IPv6 the prefix lengths (the netmask, ``ffff:ffff:ffff:ffff:0:0:0:0``, is the
+    fallback), as ZStack's agent does. ``vipUuid`` is read for logs only."""
+
     eip_uuid: str
     vm_uuid: str
+    vip_uuid: str | None = None
+    ip_version: int = 4
     vip: str
-    vip_netmask: str
+    vip_netmask: str | None = None
+    vip_prefix_len: int | None = None
     vip_gateway: str
     public_bridge_name: str
     nic_uuid: str
     nic_mac: str
     nic_ip: str
-    nic_netmask: str
+    nic_netmask: str | None = None
+    nic_prefix_len: int | None = None
     nic_gateway: str
     vm_bridge_name: str
     skip_arp_check: bool = False
+    addfdb: bool = False
+    physical_nic: str | None = None
 
     _uuids = field_validator("eip_uuid", "vm_uuid", "nic_uuid")(check_uuid)
-    _ips = field_validator("vip", "vip_gateway", "nic_ip", "nic_gateway")(check_ipv4)
+    _version = field_validator("ip_version", mode="before")(check_ip_version)
+    _ips = field_validator("vip", "vip_gateway", "nic_ip", "nic_gateway")(_check_any_ip)
     _masks = field_validator("vip_netmask", "nic_netmask", mode="before")(
-        lambda v: check_netmask(str(v)) if isinstance(v, (str, int)) and not isinstance(v, bool)
-        else v)
+        lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
     _mac = field_validator("nic_mac")(check_mac)
-    _skip = field_validator("skip_arp_check", mode="before")(lambda v: False if v is None else v)
+    _flags = field_validator("skip_arp_check", "addfdb", mode="before")(
+        lambda v: False if v is None else v)
     _bridges = field_validator("public_bridge_name", "vm_bridge_name")(check_ifname)
+    _nic = field_validator("physical_nic")(lambda v: check_nic_name(v) if v else None)
 
     @model_validator(mode="after")
     def _consistent(self) -> EipTO:
+        v = self.ip_version
+        for name in ("vip", "vip_gateway", "nic_ip", "nic_gateway"):
+            value = getattr(self, name)
+            try:
+                setattr(self, name, check_ip(value, v))
+            except ValueError as exc:
+                raise ValueError(f"{to_camel(name)}: {exc} (ipVersion is {v})") from None
+        for side in ("vip", "nic"):
+            setattr(self, f"{side}_netmask", self._mask(side))
         check_consistency(self.to_spec())
         return self
 
+    def _mask(self, side: str) -> str:
+        mask, plen = getattr(self, f"{side}_netmask"), getattr(self, f"{side}_prefix_len")
+        first, second = (mask, plen) if self.ip_version == 4 else (plen, mask)
+        value = first if first is not None else second
+        if value is None:
+            raise ValueError(f"{side}Netmask or {side}PrefixLen is required")
+        check = check_netmask if self.ip_version == 4 else check_prefix6
+        field_name = (f"{side}Netmask" if value is mask else f"{side}PrefixLen")
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise ValueError(f"{field_name}: {exc}") from None
+
     def to_spec(self) -> EipSpec:
-        return EipSpec(**self.model_dump(by_alias=False))
+        data = self.model_dump(by_alias=False,
+                               exclude={"vip_uuid", "vip_prefix_len", "nic_prefix_len"})
+        return EipSpec(**data)
 
 
 class EipRefTO(WireModel):
@@ -152,10 +207,10 @@ def make_plugin(prefix: str = DEFAULT_PREFIX, **settings) -> Plugin:
             await manager.delete_vms(vm_uuids)
 
         ctx.add_hook(HOOK_VMS_KILLED, vms_killed)
-        if manager.records:
-            ctx.spawn(manager.restore(), "eip restore")
-        else:
-            manager.restored.set()
+        # Also without records: a chain left in the host firewall by a lost state dir goes.
+        ctx.spawn(manager.restore(), "eip restore")
+        if config.host_firewall and config.firewall_check > 0:
+            ctx.spawn(manager.firewall.watch(config.firewall_check), "eip host firewall check")
 
     @plugin.command("/flatnetworkprovider/eip/apply", mode=ASYNC)
     async def apply(ctx: AgentContext, req: EipCmd) -> AgentResponse:

@@ -33,7 +33,10 @@ async def _start(ctx: AgentContext) -> None:
 class MountCmd(AgentRequest):
     model_center_uuid: Uuid
     storage_url: str = secret(max_length=4096, description=(
-        "juicefs://<meta-url>, zdfs://<meta-url>, nfs://host/export or file:///dir"))
+        "a JuiceFS metadata URL as ZStack sends it (redis://, rediss://, unix://, mysql://, "
+        "postgres://, sqlite3://, tikv://, etcd://, badger://, fdb://), passed to juicefs "
+        "verbatim and mounted read-only at the volume's 'models' directory; extensions: "
+        "juicefs://<meta-url>, zdfs://<meta-url>, nfs://host/export, file:///dir"))
     mount_options: MountOptions | None = Field(None, description=(
         "known options only, as an object or a list of 'name=value' strings"))
 
@@ -59,7 +62,10 @@ class UmountCmd(AgentRequest):
 class MountTO(WireModel):
     model_center_uuid: str
     mount_point: str
-    healthy: bool
+    is_mounted: bool = Field(description="something is mounted at mountPoint (ZStack's "
+                             "os.path.ismount); 'healthy' says whether it is this model "
+                             "center's storage and answers")
+    healthy: bool = Field(description="extension: mounted, the right file system, answering")
     reason: str | None = Field(None, description="extension: why it is not healthy")
     kind: str | None = Field(None, description="extension: juicefs, nfs or file")
     storage_url: str | None = Field(None, description="extension: with credentials masked")

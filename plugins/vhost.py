@@ -10,10 +10,13 @@ anything is changed.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
+import socket
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 
 from kvmagent.core.context import AgentContext
 from kvmagent.core.dispatch import BadRequest
@@ -43,6 +46,11 @@ SOCKET_CHECK_TIMEOUT = 10.0
 VHOST_PAGE_SIZE = "2M"
 # docker's own rule for container names (daemon/names.go), plus a sane length bound.
 CONTAINER_NAME = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}$"
+# ZStack's MN names the target "zbsvhost-" + the host's management IP (ZbsConstants
+# VHOST_TARGET_CONTAINER_PREFIX); an IPv6 one cannot be a docker name (':'), but is the
+# MN's legitimate question: answered "not running", never refused.
+ZBS_CONTAINER_PREFIX = "zbsvhost-"
+CONTROL_CONNECT_TIMEOUT = 1.0  # seconds, as ZStack's agent waits for the control socket
 
 def numa_node_field():
     return Field(None, ge=0, le=4095, description="NUMA node; absent: the host-wide pool")
@@ -85,14 +93,37 @@ def _names_a_file(value: Any) -> Any:
 SocketPath = Annotated[AbsPath, BeforeValidator(_names_a_file)]
 
 
+def docker_name(name: str) -> bool:
+    return re.match(CONTAINER_NAME, name) is not None
+
+
 class HealthCmd(AgentRequest):
-    container_name: str = Field(pattern=CONTAINER_NAME)
-    socket_path: SocketPath
+    container_name: str = Field(description="the target container: zbsvhost-<host management "
+                                "IP> from ZStack's MN, or any docker container name")
+    control_sock: SocketPath = Field(
+        validation_alias=AliasChoices("controlSock", "socketPath"),
+        description="the target's control socket (ZStack: /var/zbsvhost/sockets/admin.sock); "
+                    "socketPath is the older name, accepted as an alias")
+
+    @field_validator("container_name")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if docker_name(value):
+            return value
+        ip = value[len(ZBS_CONTAINER_PREFIX):] if value.startswith(ZBS_CONTAINER_PREFIX) else ""
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ValueError("must be a docker container name ([a-zA-Z0-9][a-zA-Z0-9_.-]+) "
+                             "or zbsvhost-<IP address>") from None
+        return value
 
 
 class HealthRsp(AgentResponse):
-    healthy: bool = False
-    reason: str | None = Field(None, description="why not healthy; null when healthy")
+    target_running: bool = Field(False, description="the container runs and its control "
+                                 "socket accepts a connection (what ZStack's MN reads)")
+    healthy: bool = Field(False, description="extension: the same as targetRunning")
+    reason: str | None = Field(None, description="why not running; null when it runs")
     container_status: str | None = Field(
         None, description="extension: docker's status of the container (running, exited...), "
                           "null when it does not exist or the engine is unreachable")
@@ -157,26 +188,52 @@ async def prepare_env(ctx: AgentContext, req: PrepareEnvCmd) -> PrepareEnvRsp:
                          hugetlbfs_mount=mount, docker_version=version)
 
 
+def control_sock_problem(path: str) -> str | None:
+    """Why ``path`` is no live control socket (a unix stream socket that accepts a connection
+    within CONTROL_CONNECT_TIMEOUT, as ZStack's agent checks), or None. Blocking."""
+    problem = socket_problem(path)
+    if problem is not None:
+        return problem
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONTROL_CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as exc:  # refused (nobody listens), timeout, wrong socket type
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            return f"control socket {path} accepts no connection: {why}"
+    return None
+
+
+def _not_running(reason: str, status: str | None = None) -> HealthRsp:
+    return HealthRsp(target_running=False, healthy=False, reason=reason,
+                     container_status=status)
+
+
 @plugin.command("/zbs/primarystorage/vhost/target/health", mode=SYNC)
 async def health(ctx: AgentContext, req: HealthCmd) -> HealthRsp:
-    """The target container is running and its vhost socket is a unix socket."""
+    """targetRunning: the target container runs and its control socket accepts a
+    connection. An unhealthy target is a successful answer (targetRunning false + reason)."""
+    name = req.container_name
+    if not docker_name(name):
+        return _not_running(f"container {name} does not exist (docker container names "
+                            f"cannot contain ':')")
     engine: DockerEngine = ctx.services[DOCKER]
     try:
-        status = await engine.container_status(req.container_name)
+        status = await engine.container_status(name)
     except DockerUnreachable as exc:
-        return HealthRsp(healthy=False, reason=f"docker engine unreachable: {exc.reason}")
+        return _not_running(f"docker engine unreachable: {exc.reason}")
     except AgentError as exc:  # the engine answered with an error
-        return HealthRsp(healthy=False, reason=str(exc))
+        return _not_running(str(exc))
     if status is None:
-        return HealthRsp(healthy=False, reason=f"container {req.container_name} does not exist")
+        return _not_running(f"container {name} does not exist")
     if status != "running":
-        return HealthRsp(healthy=False, reason=f"container {req.container_name} is {status}",
-                         container_status=status)
+        return _not_running(f"container {name} is {status}", status)
     try:
-        problem = await ctx.runner.run(socket_problem, req.socket_path,
+        problem = await ctx.runner.run(control_sock_problem, req.control_sock,
                                        timeout=SOCKET_CHECK_TIMEOUT,
-                                       what=f"socket {req.socket_path} check")
-    except AgentError as exc:  # stat hung (storage under the path): unhealthy, not a failure
+                                       what=f"control socket {req.control_sock} check")
+    except AgentError as exc:  # stat hung (storage under the path): not running, not a failure
         problem = str(exc)
-    return HealthRsp(healthy=problem is None, reason=problem, container_status=status)
+    return HealthRsp(target_running=problem is None, healthy=problem is None, reason=problem,
+                     container_status=status)
 

@@ -12,9 +12,14 @@ put on anything in the root namespace, so no packet can leave the machine. Every
 named with a random tag (and the agent gets a random EIP prefix), and :meth:`World.destroy`
 removes all of it, also after a failure.
 
-When br_netfilter makes bridged IPv4 traverse the host's iptables FORWARD chain and that
-chain drops (a host running docker does), the world inserts ``-i <bridge> -o <bridge> -j
-ACCEPT`` for its two bridges and removes the rules in :meth:`destroy`.
+IPv6 too: the client holds 2001:db8:51::2/64, VM k 2001:db8:77::<10+k>/64 (default via
+2001:db8:77::1); VIPs are 2001:db8:51::<10+i> (:meth:`World.eip6`). Addresses are added
+without DAD.
+
+The world never touches the host firewall: on a host where docker runs, iptables' FORWARD
+policy is DROP and br_netfilter sends bridged frames through it, and the agent has to cope
+(see kvmagent/eip/hostfw.py). :func:`host_forward_drops` tells whether this host is such a
+host (read only).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kvmagent.eip.hostfw import chain_name
 from kvmagent.eip.naming import Patterns
 
 PUBLIC_NET = ipaddress.IPv4Network("198.51.100.0/24")
@@ -40,6 +46,12 @@ CLIENT_IP = "198.51.100.2"
 VIP_GATEWAY = "198.51.100.1"
 VM_NET = ipaddress.IPv4Network("10.77.0.0/24")
 NIC_GATEWAY = "10.77.0.1"
+PUBLIC_NET6 = ipaddress.IPv6Network("2001:db8:51::/64")
+CLIENT_IP6 = "2001:db8:51::2"
+VIP_GATEWAY6 = "2001:db8:51::1"
+VM_NET6 = ipaddress.IPv6Network("2001:db8:77::/64")
+NIC_GATEWAY6 = "2001:db8:77::1"
+IFA_F_NODAD = 0x02
 _ALNUM = string.ascii_lowercase + string.digits
 
 
@@ -53,6 +65,14 @@ def vip_of(i: int) -> str:
 
 def nic_ip_of(k: int) -> str:
     return str(VM_NET.network_address + 10 + k)
+
+
+def vip6_of(i: int) -> str:
+    return str(PUBLIC_NET6.network_address + 0x10 + i)
+
+
+def nic_ip6_of(k: int) -> str:
+    return str(VM_NET6.network_address + 0x10 + k)
 
 
 def nic_mac_of(k: int) -> str:
@@ -69,7 +89,6 @@ class World:
     # The EIP prefix of the agent under test: its namespaces/links are cleaned up too.
     prefix: str = field(default_factory=lambda: "t" + _rand(3))
     vms: dict[int, str] = field(default_factory=dict)
-    _iptables_rules: list[list[str]] = field(default_factory=list)
 
     @property
     def pub_br(self) -> str:
@@ -93,21 +112,34 @@ class World:
                 ipr.link("add", ifname=br, kind="bridge")
                 ipr.link("set", index=ipr.link_lookup(ifname=br)[0], state="up")
         self._veth_into(self.client_ns, f"{self.tag}c0", f"{self.tag}c1", self.pub_br,
-                        f"{CLIENT_IP}/24", gateway=None, mac=None)
-        self._allow_bridged_forwarding()
+                        f"{CLIENT_IP}/24", gateway=None, mac=None, cidr6=f"{CLIENT_IP6}/64")
         return self
 
     def add_vm(self, k: int) -> str:
         """A VM namespace holding nicIp ``nic_ip_of(k)`` on the VM bridge."""
         if k not in self.vms:
             self._veth_into(self.vm_ns(k), f"{self.tag}m{k}a", f"{self.tag}m{k}b", self.vm_br,
-                            f"{nic_ip_of(k)}/24", gateway=NIC_GATEWAY, mac=nic_mac_of(k))
+                            f"{nic_ip_of(k)}/24", gateway=NIC_GATEWAY, mac=nic_mac_of(k),
+                            cidr6=f"{nic_ip6_of(k)}/64", gateway6=NIC_GATEWAY6)
             self.vms[k] = self.vm_ns(k)
         return self.vms[k]
 
+    def add_nic(self, suffix: str) -> str:
+        """A link in the root namespace standing in for a physical NIC (one end of a veth:
+        this kernel has no dummy links; a veth keeps ``self`` fdb entries like a NIC)."""
+        name = f"{self.tag}{suffix}"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=name, kind="veth", peer={"ifname": f"{name}p"})
+        return name
+
     def _veth_into(self, ns_name: str, outer: str, inner: str, bridge: str, cidr: str,
-                   gateway: str | None, mac: str | None) -> None:
+                   gateway: str | None, mac: str | None, cidr6: str,
+                   gateway6: str | None = None) -> None:
         netns.create(ns_name)
+        # IPv6 on, no DAD, no router advertisements: the addresses are usable at once.
+        for key, value in (("all/accept_dad", "0"), ("default/accept_dad", "0"),
+                           ("all/disable_ipv6", "0"), ("default/disable_ipv6", "0")):
+            ns_run(ns_name, "sysctl", "-q", "-w", f"net.ipv6.conf.{key.replace('/', '.')}={value}")
         with IPRoute() as ipr:
             peer: dict[str, Any] = {"ifname": inner, "net_ns_fd": ns_name}
             if mac:
@@ -121,31 +153,18 @@ class World:
             ns.link("set", index=idx, state="up")
             address, plen = cidr.split("/")
             ns.addr("add", index=idx, address=address, prefixlen=int(plen))
+            address6, plen6 = cidr6.split("/")
+            ns.addr("add", index=idx, address=address6, prefixlen=int(plen6), flags=IFA_F_NODAD)
             if gateway:
                 ns.route("add", dst="0.0.0.0/0", gateway=gateway)
-
-    def _allow_bridged_forwarding(self) -> None:
-        try:
-            with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as fh:
-                if fh.read().strip() != "1":
-                    return
-        except FileNotFoundError:
-            return
-        if _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False).returncode != 0:
-            return
-        for br in (self.pub_br, self.vm_br):
-            rule = ["FORWARD", "-i", br, "-o", br, "-j", "ACCEPT"]
-            _run(["iptables", "-w", "5", "-I", *rule[:1], "1", *rule[1:]])
-            self._iptables_rules.append(rule)
+            if gateway6:
+                ns.route("add", dst="::/0", gateway=gateway6, family=socket.AF_INET6)
 
     # ----- tearing down -----------------------------------------------------------------
     def destroy(self) -> None:
         """Remove everything of this world and of the agent prefix; never raises."""
         errors = []
         patterns = Patterns(self.prefix)
-        for rule in self._iptables_rules:
-            _run(["iptables", "-w", "5", "-D", *rule], check=False)
-        self._iptables_rules.clear()
         try:
             with IPRoute() as ipr:
                 for link in ipr.link("dump"):
@@ -163,6 +182,14 @@ class World:
                     netns.remove(name)
                 except OSError as exc:  # pragma: no cover
                     errors.append(exc)
+        # After a failed test the agent under test may have left its host FORWARD chain
+        # (its delete never ran): remove what carries this agent's own chain name only.
+        chain = chain_name(self.prefix)
+        for cmd in ("iptables", "ip6tables"):
+            while _run([cmd, "-w", "10", "-D", "FORWARD", "-j", chain], check=False).returncode == 0:
+                pass
+            _run([cmd, "-w", "10", "-F", chain], check=False)
+            _run([cmd, "-w", "10", "-X", chain], check=False)
         if errors:  # pragma: no cover
             print(f"world {self.tag}: clean-up errors: {errors}")
 
@@ -178,6 +205,16 @@ class World:
         body.update(over)
         return body
 
+    def eip6(self, i: int = 0, vm: int = 0, eip_uuid: str | None = None, **over: Any) -> dict:
+        """An IPv6 EipTO as ZStack's FlatEipBackend.eipStructToEipTO fills it: ipVersion 6,
+        prefix lengths, netmasks in ZStack's 8-group format."""
+        mask = "ffff:ffff:ffff:ffff:0:0:0:0"
+        body = self.eip(i, vm, eip_uuid, ipVersion=6, vip=vip6_of(i), vipNetmask=mask,
+                        vipPrefixLen=64, vipGateway=VIP_GATEWAY6, nicIp=nic_ip6_of(vm),
+                        nicNetmask=mask, nicPrefixLen=64, nicGateway=NIC_GATEWAY6)
+        body.update(over)
+        return body
+
     # ----- what is left -----------------------------------------------------------------
     def leftovers(self) -> dict[str, list[str]]:
         """Namespaces, root links and root nft rules that carry the agent's prefix."""
@@ -189,10 +226,136 @@ class World:
         ruleset = _run(["nft", "list", "ruleset"]).stdout.decode()
         # Match whole quoted interface names: a bare substring test flags docker's rules when
         # the random prefix is, say, "turn" (in "return").
+        # iptables-nft shows the agent's host FORWARD rules here too ("xt match physdev"):
+        # those are reported, per IP version, under "iptables" (from iptables -S).
         rules = [line.strip() for line in ruleset.splitlines()
-                 if "198.51.100." in line
+                 if "xt match" not in line and ("198.51.100." in line or "2001:db8:" in line)
                  or any(patterns.link_hash(name) for name in re.findall(r'"([^"]+)"', line))]
-        return {"netns": spaces, "links": links, "nft": rules}
+        return {"netns": spaces, "links": links, "nft": rules,
+                "iptables": host_chain_rules(self.prefix)}
+
+
+def host_chain_rules(prefix: str) -> dict[int, list[str] | None]:
+    """Read only: the rules of the agent's chain in the host's iptables/ip6tables (None when
+    the chain does not exist), and whether FORWARD still jumps to it."""
+    chain = chain_name(prefix)
+    out: dict[int, list[str] | None] = {}
+    for version, cmd in ((4, "iptables"), (6, "ip6tables")):
+        listed = _run([cmd, "-w", "10", "-S", chain], check=False)
+        if listed.returncode != 0:
+            jumps = _run([cmd, "-w", "10", "-S", "FORWARD"]).stdout.decode()
+            out[version] = None if f"-j {chain}" not in jumps else ["<jump without chain>"]
+            continue
+        out[version] = [line for line in listed.stdout.decode().splitlines()
+                        if line.startswith("-A ")]
+    return out
+
+
+def host_forward_drops() -> bool:
+    """Read only: does this host drop bridged IPv4 in its FORWARD chain (docker's policy)?"""
+    try:
+        with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as fh:
+            bridged = fh.read().strip() == "1"
+    except FileNotFoundError:
+        return False
+    policy = _run(["iptables", "-w", "10", "-S", "FORWARD"]).stdout.decode().splitlines()
+    return bridged and "-P FORWARD DROP" in policy
+
+
+@dataclass
+class FirewallLab:
+    """A stand-in hypervisor *inside a namespace* (``<tag>-host``), for the host firewall
+    rules on either iptables backend without touching the real host's firewall::
+
+        <tag>-host: bridges pb, vb; FORWARD policy DROP (given backend); br_netfilter on
+          pb: <tag>a0 <-> client ns a1 (client address)   <names.pub_host> <-> eip ns pn
+          vb: <tag>v0 <-> vm ns v1 (nicIp, nicMac)          <names.vm_host>  <-> eip ns vn
+        eip ns: pn holds the VIP and ``extra`` (an address the rules must not open),
+                vn holds nicGateway
+
+    The "eip" namespace just answers on those addresses (no NAT): what is tested is which
+    bridged frames the lab host's FORWARD chain lets through."""
+
+    body: dict
+    names: Any
+    backend: str                     # "legacy" | "nft"
+    tag: str = field(default_factory=lambda: "f" + _rand(4))
+
+    @property
+    def host(self) -> str:
+        return f"{self.tag}-host"
+
+    def ns(self, role: str) -> str:
+        return f"{self.tag}-{role}"
+
+    def command(self, version: int) -> str:
+        return f"{'iptables' if version == 4 else 'ip6tables'}-{self.backend}"
+
+    @property
+    def v6(self) -> bool:
+        return self.body.get("ipVersion") == 6
+
+    @property
+    def client_ip(self) -> str:
+        return CLIENT_IP6 if self.v6 else CLIENT_IP
+
+    @property
+    def extra(self) -> str:
+        return vip6_of(99) if self.v6 else vip_of(99)
+
+    def build(self) -> FirewallLab:
+        b, plen = self.body, 64 if self.v6 else 24
+        for name in (self.host, self.ns("client"), self.ns("eip"), self.ns("vm")):
+            netns.create(name)
+        with IPRoute(netns=self.host, flags=0) as h:
+            for br in ("pb", "vb"):
+                h.link("add", ifname=br, kind="bridge")
+                h.link("set", index=h.link_lookup(ifname=br)[0], state="up")
+        ns_run(self.host, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1",
+               "net.bridge.bridge-nf-call-ip6tables=1")
+        for version in (4, 6):
+            ns_run(self.host, self.command(version), "-w", "10", "-P", "FORWARD", "DROP")
+        self._port(f"{self.tag}a0", "pb", self.ns("client"), "a1", [self.client_ip], plen)
+        self._port(self.names.pub_host, "pb", self.ns("eip"), "pn", [b["vip"], self.extra], plen)
+        self._port(self.names.vm_host, "vb", self.ns("eip"), "vn", [b["nicGateway"]], plen)
+        self._port(f"{self.tag}v0", "vb", self.ns("vm"), "v1", [b["nicIp"]], plen,
+                   mac=b["nicMac"])
+        return self
+
+    def _port(self, outer: str, bridge: str, ns_name: str, inner: str, addrs: list[str],
+              plen: int, mac: str | None = None) -> None:
+        for name in (ns_name,):
+            for key in ("all.accept_dad", "default.accept_dad"):
+                ns_run(name, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}=0")
+        with IPRoute(netns=self.host, flags=0) as h:
+            peer: dict[str, Any] = {"ifname": inner, "net_ns_fd": ns_name}
+            if mac:
+                peer["address"] = mac
+            h.link("add", ifname=outer, kind="veth", peer=peer)
+            h.link("set", index=h.link_lookup(ifname=outer)[0],
+                   master=h.link_lookup(ifname=bridge)[0], state="up")
+        with IPRoute(netns=ns_name, flags=0) as ns:
+            idx = ns.link_lookup(ifname=inner)[0]
+            ns.link("set", index=idx, state="up")
+            for address in addrs:
+                ns.addr("add", index=idx, address=address, prefixlen=plen,
+                        flags=IFA_F_NODAD if ":" in address else 0)
+
+    def passes(self, server_role: str, server_ip: str, client_role: str, port: int) -> bool:
+        """Does TCP from ``client_role`` to ``server_ip`` in ``server_role`` get through?"""
+        try:
+            tcp_exchange(self.ns(server_role), server_ip, self.ns(client_role), server_ip,
+                         port, timeout=1.5)
+        except OSError:
+            return False
+        return True
+
+    def destroy(self) -> None:
+        for name in (self.host, self.ns("client"), self.ns("eip"), self.ns("vm")):
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
 
 
 # ----- traffic, from sockets created inside the namespaces --------------------------------
@@ -207,8 +370,9 @@ def tcp_exchange(server_ns: str, server_ip: str, client_ns: str, connect_ip: str
     Returns ``{"answered_by": <server ns>, "server_saw": <client address as seen by the
     server>, "client_local": <client's own address>}``.
     """
-    server = ns_socket(server_ns, socket.AF_INET, socket.SOCK_STREAM)
-    client = ns_socket(client_ns, socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in server_ip else socket.AF_INET
+    server = ns_socket(server_ns, family, socket.SOCK_STREAM)
+    client = ns_socket(client_ns, family, socket.SOCK_STREAM)
     try:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind((server_ip, port))
@@ -338,6 +502,7 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
 
 __all__ = [
     "CLIENT_IP",
+    "CLIENT_IP6",
     "World",
     "nic_ip_of",
     "nic_mac_of",

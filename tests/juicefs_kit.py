@@ -159,3 +159,18 @@ class MountedVolume(LocalVolume):
         self.resume()
         cleanup_mounts(self.base)
         self.remove()
+
+
+def seed(volume: LocalVolume, files: dict[str, str]) -> None:
+    """Write ``files`` (path inside the volume -> text) through a mount of the test's own."""
+    point = Path(tempfile.mkdtemp(prefix="kvmagent-seed-"))
+    try:
+        subprocess.run([JUICEFS, *QUIET, "mount", "-d", "--no-bgjob", volume.meta, str(point)],
+                       check=True, capture_output=True, timeout=60)
+        for rel, text in files.items():
+            (point / rel).parent.mkdir(parents=True, exist_ok=True)
+            (point / rel).write_text(text)
+    finally:
+        subprocess.run([JUICEFS, *QUIET, "umount", str(point)], capture_output=True, timeout=60)
+        cleanup_mounts(point)
+        shutil.rmtree(point, ignore_errors=True)

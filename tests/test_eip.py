@@ -12,14 +12,18 @@ from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
+from kvmagent.eip.hostfw import HostFirewall, chain_name
 from kvmagent.eip.naming import Names, mac_for
 from kvmagent.eip.spec import EipSpec
 from kvmagent.ha.fencer import HOOK_VMS_KILLED
 
 from .eip_world import (
     CLIENT_IP,
+    CLIENT_IP6,
+    FirewallLab,
     World,
     arp_ask,
+    host_forward_drops,
     ns_nft_rules,
     ns_run,
     ping_through,
@@ -75,6 +79,15 @@ _FIELDS = {"eip_uuid": "eipUuid", "vm_uuid": "vmUuid", "vip": "vip", "vip_netmas
            "vm_bridge_name": "vmBridgeName"}
 
 
+def host_rules(world: World, body: dict) -> list[str]:
+    """The host FORWARD accepts of one IPv4 EIP as ``iptables -S`` prints them."""
+    names, chain = _names(world, body), chain_name(world.prefix)
+    return [f"-A {chain} -d {body['vip']}/32 -m physdev --physdev-out {names.pub_host} -j ACCEPT",
+            f"-A {chain} -s {body['vip']}/32 -m physdev --physdev-in {names.pub_host} -j ACCEPT",
+            f"-A {chain} -s {body['nicIp']}/32 -m physdev --physdev-out {names.vm_host} -j ACCEPT",
+            f"-A {chain} -d {body['nicIp']}/32 -m physdev --physdev-in {names.vm_host} -j ACCEPT"]
+
+
 def _names(world: World, body: dict):
     return Names.of(world.prefix, body["eipUuid"])
 
@@ -96,7 +109,8 @@ async def traffic(world: World, body: dict, vm: int = 0) -> None:
 
 async def assert_gone(world: World, agent, body: dict) -> None:
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
     observed = await manager(agent).observe(body["eipUuid"])
     assert observed.empty, observed
     assert body["eipUuid"] not in manager(agent).records
@@ -121,6 +135,7 @@ async def assert_one_copy(world: World, agent, body: dict) -> None:
     assert len(rules) == expected_rules(world, body)
     left = await asyncio.to_thread(world.leftovers)
     assert left["netns"] == [names.netns] and left["nft"] == [], left
+    assert sorted(left["iptables"][4] or []) == sorted(host_rules(world, body)), left
 
 
 async def test_apply_carries_traffic_and_delete_leaves_nothing(eip_agent, world, mn):
@@ -363,7 +378,8 @@ async def test_batch_apply_reports_failed_eips_and_batch_delete(eip_agent, world
     reply = await agent.call_async(mn, BATCH_DELETE, {"eips": good + [bad]})
     assert reply == {"success": True, "error": None, "failedEips": []}, reply
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
     assert manager(agent).records == {}
 
 
@@ -426,7 +442,8 @@ async def test_bad_input_is_400_naming_the_field(eip_agent, world, field, value)
     assert manager(agent).applied() == [good["eipUuid"]]
     assert (await agent.call(DELETE, {"eip": good}))["success"]
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
     assert manager(agent).records == {} and agent.ctx.state.names("eips") == []
 
 
@@ -468,7 +485,8 @@ async def test_delete_needs_only_the_eip_uuid(eip_agent, world):
     assert reply["failedEips"][2]["eipUuid"] == "nope"
     assert manager(agent).records == {}
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
 
 
 async def test_apply_where_an_ipv6_sysctl_key_is_missing(eip_agent, world, monkeypatch):
@@ -500,7 +518,8 @@ async def test_missing_fields_and_same_bridges_are_400(eip_agent, world):
     status, reply = await agent.post(APPLY, {})
     assert status == 400 and "eip" in reply["error"], reply
     left = await asyncio.to_thread(world.leftovers)
-    assert left == {"netns": [], "links": [], "nft": []}, left
+    assert left == {"netns": [], "links": [], "nft": [],
+                    "iptables": {4: None, 6: None}}, left
 
 
 def test_names_fit_the_kernel_limit():
@@ -672,3 +691,275 @@ def test_leftover_check_sees_our_root_rules_and_only_ours():
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], check=True, timeout=30)
     assert world.leftovers()["nft"] == []
+
+
+# ----- the host firewall (docker's FORWARD DROP), IPv6, fdb ---------------------------------
+async def traffic6(world: World, body: dict, vm: int = 0) -> None:
+    """IPv6: TCP in through DNAT (answered by the VM namespace, which sees the client's
+    address) and out through SNAT (the client sees the VIP)."""
+    vm_ns = world.vm_ns(vm)
+    inbound = await asyncio.to_thread(tcp_exchange, vm_ns, body["nicIp"], world.client_ns,
+                                      body["vip"], 7779)
+    assert inbound["answered_by"] == vm_ns and inbound["server_saw"] == CLIENT_IP6, inbound
+    outbound = await asyncio.to_thread(tcp_exchange, world.client_ns, CLIENT_IP6, vm_ns,
+                                       CLIENT_IP6, 7780)
+    assert outbound["server_saw"] == body["vip"], outbound          # SNAT to the VIP
+    assert outbound["client_local"] == body["nicIp"], outbound
+
+
+async def test_without_the_host_rules_docker_forward_policy_drops_eip_traffic(eip_agent, world):
+    """Why hostfw exists: on this host (docker running: FORWARD policy DROP, br_netfilter
+    on) an EIP without the agent's host rules carries nothing; the same EIP with them does."""
+    if not await asyncio.to_thread(host_forward_drops):
+        pytest.skip("this host does not drop bridged IPv4 in FORWARD (docker not running?)")
+    agent = await eip_agent(host_firewall=False)
+    body = world.eip(0)
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    assert (await asyncio.to_thread(world.leftovers))["iptables"] == {4: None, 6: None}
+    with pytest.raises(OSError):     # timed out or refused: the host dropped it
+        await asyncio.to_thread(tcp_exchange, world.vm_ns(0), body["nicIp"], world.client_ns,
+                                body["vip"], 7781, 2.0)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await agent.client.close()
+    agent = await eip_agent()
+    assert (await agent.call(APPLY, {"eip": body}))["success"]
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, agent, body)
+
+
+async def test_ipv6_eip_carries_tcp_through_dnat_and_snat(eip_agent, world, mn):
+    """ipVersion 6 as ZStack sends it (FlatEipBackend.eipStructToEipTO: prefix lengths, the
+    netmask in its 8-group form), through the MN's async call; delete leaves nothing."""
+    agent = await eip_agent()
+    body = world.eip6(0)
+    reply = await agent.call_async(mn, APPLY, {"eip": body})
+    assert reply == {"success": True, "error": None}, reply
+    names = _names(world, body)
+    obs = await manager(agent).observe(body["eipUuid"])
+    assert obs.addresses == sorted(["lo:127.0.0.1/8", f"{names.pub_ns}:{body['vip']}/64",
+                                    f"{names.vm_ns}:{body['nicGateway']}/64"]), obs.addresses
+    assert obs.default_routes == [f"{body['vipGateway']}@{names.pub_ns}"]
+    assert obs.neighbours == [(body["nicIp"], body["nicMac"])]
+    fw = (await asyncio.to_thread(world.leftovers))["iptables"]
+    assert fw[4] is None and len(fw[6]) == 4 + 8, fw      # 4 address rules, 8 for ND
+    await traffic6(world, body)
+    # batchapply of the same EIP (host reconnect) keeps one copy and still carries traffic
+    reply = await agent.call_async(mn, BATCH_APPLY, {"eips": [dict(body, skipArpCheck=False)]})
+    assert reply["success"], reply
+    assert len((await asyncio.to_thread(world.leftovers))["iptables"][6]) == 12
+    await traffic6(world, body)
+    reply = await agent.call_async(mn, BATCH_DELETE, {"eips": [body]})
+    assert reply["success"], reply
+    await assert_gone(world, agent, body)
+
+
+async def test_ipv4_and_ipv6_eips_of_one_vm_side_by_side(eip_agent, world):
+    agent = await eip_agent()
+    v4, v6 = world.eip(0), world.eip6(1)
+    v6["nicGateway"] = "2001:db8:77::1"
+    assert (await agent.call(BATCH_APPLY, {"eips": [v4, v6]}))["success"]
+    await traffic(world, v4)
+    await traffic6(world, v6)
+    assert (await agent.call(DELETE, {"eip": v4}))["success"]
+    await traffic6(world, v6)
+    assert (await agent.call(DELETE, {"eip": v6}))["success"]
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+@pytest.mark.parametrize("over,field", [
+    ({"ipVersion": 6}, "vip"),                                   # IPv4 addresses, version 6
+    ({"ipVersion": 5}, "ipVersion"),
+    ({"ipVersion": 6, "vip": "2001:db8:51::10", "vipGateway": "2001:db8:51::1",
+      "nicIp": "2001:db8:77::10", "nicGateway": "2001:db8:78::1", "vipPrefixLen": 64,
+      "nicPrefixLen": 64}, "nicGateway"),
+    ({"vip": "2001:db8:51::10"}, "vip"),                         # IPv6 address, version 4
+    ({"physicalNic": "eth0; reboot", "addfdb": True}, "physicalNic"),
+])
+async def test_bad_ip_version_fields_are_400_naming_the_field(eip_agent, world, over, field):
+    agent = await eip_agent()
+    status, reply = await agent.post(APPLY, {"eip": world.eip(0, **over)})
+    assert status == 400 and field in reply["error"], (status, reply)
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+def _fdb(ifname: str) -> list[tuple[str, bool]]:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        return sorted((e.get("lladdr"), bool(e["flags"] & 0x02))
+                      for e in ipr.fdb("dump") if e["ifindex"] == index)
+
+
+async def test_addfdb_puts_the_namespace_mac_into_the_physical_nic(eip_agent, world, mn):
+    """addfdb + physicalNic (ZStack's SR-IOV VF NICs): a permanent ``self`` fdb entry for the
+    MAC of the namespace's VM-side end on that NIC, gone after delete. Without addfdb, or
+    with a NIC that does not exist, nothing is left behind."""
+    agent = await eip_agent()
+    nic = await asyncio.to_thread(world.add_nic, "pf")
+    body = world.eip(0, addfdb=True, physicalNic=nic)
+    mac = mac_for(body["eipUuid"], "vn")
+    reply = await agent.call_async(mn, APPLY, {"eip": body})
+    assert reply == {"success": True, "error": None}, reply
+    assert (mac, True) in await asyncio.to_thread(_fdb, nic)
+    await traffic(world, body)
+    assert (await agent.call(DELETE, {"eip": {"eipUuid": body["eipUuid"]}}))["success"]
+    assert (mac, True) not in await asyncio.to_thread(_fdb, nic)
+    await assert_gone(world, agent, body)
+
+    plain = world.eip(0, addfdb=False, physicalNic=nic)
+    assert (await agent.call(APPLY, {"eip": plain}))["success"]
+    assert mac_for(plain["eipUuid"], "vn") not in [m for m, _ in await asyncio.to_thread(_fdb, nic)]
+    assert (await agent.call(DELETE, {"eip": plain}))["success"]
+
+    missing = world.eip(0, addfdb=True, physicalNic=f"{world.tag}nope")
+    reply = await agent.call_async(mn, APPLY, {"eip": missing})
+    assert reply["success"] is False and "physicalNic" in reply["error"], reply
+    await assert_gone(world, agent, missing)
+
+
+DOCKER_LOCK = "/tmp/kvmagent-docker.lock"
+DOCKERD_LOG = "/var/log/dockerd.log"
+
+
+def _restart_dockerd() -> None:
+    """Stop the running dockerd (SIGTERM, as its init would) and start it again as CI does;
+    returns once the engine answers."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    import psutil
+    procs = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
+    assert procs, "dockerd is not running on this host"
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for proc in alive:
+        proc.kill()
+    dockerd = shutil.which("dockerd", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin")
+    with open(DOCKERD_LOG, "ab") as log:
+        subprocess.Popen([dockerd], stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["docker", "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"dockerd did not come back; see {DOCKERD_LOG}")
+
+
+async def test_eip_carries_traffic_after_docker_restarts(eip_agent, world):
+    """dockerd restarted (it rewrites its FORWARD chains and policy): the EIP still carries
+    IPv4 and IPv6 traffic, its host rules are all there. Under the machine's docker lock."""
+    import fcntl
+    agent = await eip_agent(firewall_check=1.0)
+    v4, v6 = world.eip(0), world.eip6(1)
+    assert (await agent.call(BATCH_APPLY, {"eips": [v4, v6]}))["success"]
+    await traffic(world, v4)
+    with open(DOCKER_LOCK, "a") as lock:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        try:
+            await asyncio.to_thread(_restart_dockerd)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    await asyncio.sleep(2.5)         # two rounds of the agent's check
+    assert await asyncio.to_thread(host_forward_drops)       # docker's DROP is back
+    fw = (await asyncio.to_thread(world.leftovers))["iptables"]
+    assert sorted(fw[4]) == sorted(host_rules(world, v4)) and len(fw[6]) == 12, fw
+    await traffic(world, v4)
+    await traffic6(world, v6)
+    assert (await agent.call(BATCH_DELETE, {"eips": [v4, v6]}))["success"]
+    left = await asyncio.to_thread(world.leftovers)
+    assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
+    """ZStack's rule (daemon.json "iptables": false before docker is started or installed):
+    a spawned dockerd gets --iptables=false, an init-started one a config file saying so;
+    an operator's own iptables setting, or a file that is not JSON, is left alone."""
+    import json
+
+    from kvmagent.core.config import AgentConfig
+    from kvmagent.host.docker_engine import keep_off_iptables, mentions_iptables, plan_start
+
+    config = AgentConfig(listen="127.0.0.1:0", state_dir=tmp_path / "s",
+                         models_root=tmp_path / "m")
+    assert plan_start(config, "/usr/sbin/dockerd", False, True).argv == \
+        ["/usr/sbin/dockerd", "--iptables=false"]
+    assert "--iptables=false" not in plan_start(config, "/usr/sbin/dockerd", True, True).argv
+
+    path = tmp_path / "etc" / "docker" / "daemon.json"
+    assert not mentions_iptables(path)
+    assert keep_off_iptables(path) == "created"
+    assert json.loads(path.read_text()) == {"iptables": False} and mentions_iptables(path)
+    assert keep_off_iptables(path) == "kept"
+    path.write_text(json.dumps({"log-driver": "json-file"}))
+    assert keep_off_iptables(path) == "added"
+    assert json.loads(path.read_text()) == {"log-driver": "json-file", "iptables": False}
+    path.write_text(json.dumps({"iptables": True}))
+    assert keep_off_iptables(path) == "kept"
+    assert json.loads(path.read_text()) == {"iptables": True}
+    path.write_text("{not json")
+    assert keep_off_iptables(path) == "unreadable" and path.read_text() == "{not json"
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("version", [4, 6])
+async def test_host_rules_open_only_the_eips_traffic_on_either_backend(world, backend, version):
+    """The host rules against a real kernel and real iptables of either backend, in a lab
+    host namespace with FORWARD policy DROP and br_netfilter on (not the machine's firewall):
+    before, nothing passes; after, the public side reaches the VIP and the VM reaches its
+    gateway, but not another address behind the same port; a flushed FORWARD is put back by
+    check(); removal closes it again and leaves no chain."""
+    body = world.eip6(0) if version == 6 else world.eip(0)
+    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()} | {"ip_version": version})
+    lab = FirewallLab(body, _names(world, body), backend)
+    try:
+        await asyncio.to_thread(lab.build)
+        fw = HostFirewall(world.prefix, netns=lab.host,
+                          commands={4: lab.command(4), 6: lab.command(6)})
+
+        async def paths() -> tuple[bool, bool, bool]:
+            return (await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7801),
+                    await asyncio.to_thread(lab.passes, "eip", body["nicGateway"], "vm", 7802),
+                    await asyncio.to_thread(lab.passes, "eip", lab.extra, "client", 7803))
+
+        assert await paths() == (False, False, False)
+        await fw.add(spec, lab.names)
+        assert await paths() == (True, True, False)
+        await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10",
+                                "-F", "FORWARD")                       # a firewall reload
+        assert await paths() == (False, False, False)
+        assert await fw.check() == [version]
+        assert await paths() == (True, True, False)
+        await fw.remove(spec.eip_uuid)
+        assert await paths() == (False, False, False)
+        listed = await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10",
+                                         "-S")
+        assert chain_name(world.prefix) not in listed.stdout.decode()
+    finally:
+        await asyncio.to_thread(lab.destroy)
+
+
+async def test_start_up_removes_host_rules_no_record_needs(eip_agent, world, make_agent, tmp_path):
+    """An agent that lost its state dir left its host chain behind: the next start-up
+    (no record needs it) removes it; a later apply builds it again."""
+    first = await eip_agent()
+    body = world.eip(0)
+    assert (await first.call(APPLY, {"eip": body}))["success"]
+    assert len((await asyncio.to_thread(world.leftovers))["iptables"][4]) == 4
+    await first.client.close()
+    second = await make_agent(plugins=[make_plugin(prefix=world.prefix)],
+                              state_dir=tmp_path / "fresh-state")
+    await asyncio.wait_for(manager(second).restored.wait(), 30)
+    assert (await asyncio.to_thread(world.leftovers))["iptables"] == {4: None, 6: None}
+    sync = await second.call(SYNC, {})                 # the namespace goes with sync
+    assert sync["success"] and f"netns {_names(world, body).netns}" in sync["orphansRemoved"]
+    assert (await second.call(APPLY, {"eip": body}))["success"]
+    await traffic(world, body)
+    assert (await second.call(DELETE, {"eip": body}))["success"]
+    await assert_gone(world, second, body)

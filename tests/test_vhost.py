@@ -177,12 +177,18 @@ def silent_socket(short_dir):
     server.close()
 
 
-@pytest.fixture
-def target(busybox_image, short_dir):
-    """A running container whose busybox syslogd binds a unix socket at a bind-mounted path
-    (syslogd follows the /dev/log symlink to /vhost/vhost.sock = <short_dir>/vhost.sock)."""
+def start_target(busybox_image, short_dir: Path, name: str | None = None):
+    """A running container whose busybox syslogd binds a unix (datagram) socket at a
+    bind-mounted path (syslogd follows the /dev/log symlink to /vhost/vhost.sock =
+    <short_dir>/vhost.sock), and the target's control socket <short_dir>/admin.sock: a unix
+    stream socket that accepts connections, as SPDK's JSON-RPC socket does (busybox has
+    nothing that listens on one, so the test process does)."""
     client = docker.DockerClient(base_url=DEFAULT_URL, timeout=30)
-    name = f"kvmagent-vhost-test-{uuid.uuid4().hex[:8]}"
+    name = name or f"kvmagent-vhost-test-{uuid.uuid4().hex[:8]}"
+    try:
+        client.containers.get(name).remove(force=True)
+    except docker.errors.NotFound:
+        pass
     container = client.containers.run(
         busybox_image, ["/bin/sh", "-c", SYSLOGD_SOCKET],
         name=name, detach=True, volumes={str(short_dir): {"bind": "/vhost", "mode": "rw"}})
@@ -191,12 +197,26 @@ def target(busybox_image, short_dir):
     while not sock.is_socket():
         assert time.monotonic() < deadline, f"container made no socket: {container.logs()!r}"
         time.sleep(0.1)
-    yield container, str(sock)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.bind(str(short_dir / "admin.sock"))
+    control.listen(16)
+    return client, container, control
+
+
+def stop_target(client, container, control) -> None:
+    control.close()
     try:
         container.remove(force=True)
     except docker.errors.NotFound:
         pass
     client.close()
+
+
+@pytest.fixture
+def target(busybox_image, short_dir):
+    client, container, control = start_target(busybox_image, short_dir)
+    yield container, str(short_dir / "admin.sock")
+    stop_target(client, container, control)
 
 
 def mount_point(tmp_path: Path) -> Path:
@@ -386,13 +406,30 @@ async def test_prepare_bad_input_is_400_and_changes_nothing(make_agent, real_poo
 @pytest.mark.docker
 async def test_health_of_a_real_target(agent, target, short_dir):
     container, sock = target
+    reply = await agent.call(HEALTH, {"containerName": container.name, "controlSock": sock})
+    assert reply == {"success": True, "error": None, "targetRunning": True, "healthy": True,
+                     "reason": None, "containerStatus": "running"}
+    # socketPath, the older name of the field, is still understood
     reply = await agent.call(HEALTH, {"containerName": container.name, "socketPath": sock})
-    assert reply == {"success": True, "error": None, "healthy": True, "reason": None,
-                     "containerStatus": "running"}
+    assert reply["targetRunning"] is True
 
     missing = str(short_dir / "other.sock")
     reply = await agent.call(HEALTH, {"containerName": container.name, "socketPath": missing})
     assert (reply["healthy"], reply["reason"]) == (False, f"socket {missing} missing")
+    assert reply["targetRunning"] is False
+
+    # A socket file nobody listens on any more (the target died, its socket stayed), and a
+    # datagram socket, are no control socket: ZStack's agent connects, so does this one.
+    stale = short_dir / "stale.sock"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(stale))
+    left.close()
+    dgram = str(short_dir / "vhost.sock")
+    for path in (str(stale), dgram):
+        reply = await agent.call(HEALTH, {"containerName": container.name, "controlSock": path})
+        assert reply["targetRunning"] is False, reply
+        assert reply["reason"].startswith(f"control socket {path} accepts no connection: "), \
+            reply
 
     regular = short_dir / "plain"
     regular.write_text("not a socket")
@@ -421,6 +458,7 @@ async def test_health_engine_unreachable(make_agent, short_dir, silent_socket):
                                           "socketPath": "/run/vhost.sock"})
         assert time.monotonic() - started < 10
         assert reply["success"] is True and reply["healthy"] is False
+        assert reply["targetRunning"] is False
         assert reply["reason"].startswith("docker engine unreachable: "), reply
 
 
@@ -472,7 +510,10 @@ async def test_engine_start_checks_run_off_the_loop(short_dir, monkeypatch):
     ({"containerName": "target", "socketPath": "//run/x.sock"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/"}, "socketPath"),
     ({"containerName": "target", "socketPath": "/run/./x.sock"}, "socketPath"),
-    ({"containerName": "target"}, "socketPath"),
+    ({"containerName": "target"}, "controlSock"),
+    ({"containerName": "target", "controlSock": "/run/../x.sock"}, "controlSock"),
+    ({"containerName": "zbsvhost-not-an-ip:", "controlSock": "/run/x.sock"}, "containerName"),
+    ({"containerName": "zbsvhost-1.2.3.4:5", "controlSock": "/run/x.sock"}, "containerName"),
 ])
 async def test_health_bad_input_is_400(agent, body, field):
     status, reply = await agent.post(HEALTH, body)

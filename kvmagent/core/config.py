@@ -80,8 +80,10 @@ class AgentConfig(BaseModel):
         None, description="network namespace whose links network groups watch (None: host)")
 
     # Capabilities.
-    models_root: Path = Field(Path("/opt/kvmagent/models"),
-                              description="model-center mounts; virtiofs sources must lie inside")
+    models_root: Path = Field(Path("/opt/zstack/models"),
+                              description="model-center mounts (ZStack's MODEL_MOUNT_BASE: the "
+                              "MN builds virtiofs sourcePaths under it); virtiofs sources must "
+                              "lie inside")
     juicefs_binary: str | None = Field(None, description="path to juicefs; default: PATH / venv")
     virtiofsd_binary: Path = Field(Path("/usr/lib/qemu/virtiofsd"), description="virtiofsd for shares")
     docker_start_command: list[str] | None = Field(
@@ -115,6 +117,9 @@ class AgentConfig(BaseModel):
     modelcenter_mount_timeout: float = Field(
         60.0, gt=0, description="one mount command (juicefs mount -d waits for the volume)")
     modelcenter_umount_timeout: float = Field(30.0, gt=0, description="one umount command")
+    modelcenter_meta_url_subdir: str = Field(
+        "models", description="a raw JuiceFS metadata URL (ZStack's storageUrl) mounts this "
+        "directory of the volume (juicefs --subdir), as ZStack's agent does; '' = the root")
     juicefs_cache_dir: Path | None = Field(
         None, description="parent of per-mount juicefs cache dirs; None: juicefs' default")
     juicefs_log_dir: Path | None = Field(

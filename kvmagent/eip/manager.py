@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.errors import AgentError, BlockingTimeout
 from ..core.lazy import lazy_import
 from . import nft
+from .hostfw import HostFirewall
 from .naming import DEFAULT_PREFIX, Names, Patterns, check_prefix
 from .spec import EipSpec
 
@@ -79,6 +80,8 @@ class EipSettings:
     arp_timeout: float = 0.4           # how long the VIP duplicate probe listens
     abort_grace: float = 10.0          # after a timeout, log this often until the thread stops
     state_timeout: float = 15.0        # one record write (temp file, fsync, rename)
+    host_firewall: bool = True         # accept rules in the host's FORWARD (see hostfw.py)
+    firewall_check: float = 10.0       # how often those rules are checked (0: never)
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -110,6 +113,8 @@ class EipManager:
         # Operations in the order they were serialised (seq), for debugging and tests.
         self.history: deque[dict[str, Any]] = deque(maxlen=4096)
         self.restored = asyncio.Event()
+        self.firewall = HostFirewall(self.settings.prefix, timeout=self.settings.process_timeout,
+                                     enabled=self.settings.host_firewall)
 
     # ----- names and records --------------------------------------------------------------
     def names(self, eip_uuid: str) -> Names:
@@ -260,7 +265,7 @@ class EipManager:
         report = netlink.ApplyReport()
         await self._save(spec, "applying", was_applied)
         try:
-            await self._converge(spec, names, report)
+            await self._converge(spec, names, report, fresh=previous is None)
         except (StepAbandoned, asyncio.CancelledError) as exc:
             log.error("apply of EIP %s abandoned (%s); no rollback, the record stays "
                       "'applying' for the next apply or sync", spec.eip_uuid,
@@ -273,16 +278,31 @@ class EipManager:
         await self._save(spec, "applied", True)
         return report
 
-    async def _converge(self, spec: EipSpec, names: Names, report: netlink.ApplyReport) -> None:
+    async def _converge(self, spec: EipSpec, names: Names, report: netlink.ApplyReport, *,
+                        fresh: bool = False) -> None:
         await self._blocking(lambda abort: netlink.prepare(spec, names, report, abort=abort),
                              f"prepare namespace {names.netns}")
-        await nft.set_sysctls(names, timeout=self.settings.process_timeout)
+        await nft.set_sysctls(names, timeout=self.settings.process_timeout,
+                              ip_version=spec.ip_version)
         await nft.apply_ruleset(names, nft.build_ruleset(spec, names),
                                 timeout=self.settings.process_timeout)
+        await self.firewall.add(spec, names, fresh=fresh)
         await self._blocking(
             lambda abort: netlink.converge_links(spec, names, report, abort=abort,
                                                  arp_timeout=self.settings.arp_timeout),
             f"links of {names.netns}")
+
+    async def _teardown(self, eip_uuid: str, names: Names, spec: EipSpec | None) -> list[str]:
+        """Remove everything of one EIP: host firewall rules, fdb entries, links, namespace."""
+        await self.firewall.remove(eip_uuid, spec, names)
+
+        def work(abort: threading.Event) -> list[str]:
+            removed = netlink.teardown(names, abort=abort)
+            if spec is None or spec.fdb_nic:   # without a record: look for it anyway
+                removed += netlink.remove_fdb(eip_uuid)
+            return removed
+
+        return await self._blocking(work, f"remove {names.netns}")
 
     def _check_conflicts(self, spec: EipSpec) -> None:
         """One EIP per VIP and per NIC address on a VM bridge: two namespaces answering ARP
@@ -306,8 +326,7 @@ class EipManager:
         apply created are reused where they fit) and keep the previous record."""
         try:
             if previous is None:
-                await self._blocking(lambda abort: netlink.teardown(names, abort=abort),
-                                     f"roll back {names.netns}")
+                await self._teardown(spec.eip_uuid, names, spec)
             else:
                 before = dataclasses.replace(EipSpec.from_dict(previous["spec"]),
                                              skip_arp_check=True)  # the old VIP was ours
@@ -333,8 +352,8 @@ class EipManager:
         if record is not None and record["status"] != "deleting":
             record = dict(record, status="deleting")
             await self._restore_record(eip_uuid, record)
-        removed = await self._blocking(lambda abort: netlink.teardown(names, abort=abort),
-                                       f"remove {names.netns}")
+        spec = EipSpec.from_dict(record["spec"]) if record is not None else None
+        removed = await self._teardown(eip_uuid, names, spec)
         await self._drop(eip_uuid)
         return removed
 
@@ -410,6 +429,7 @@ class EipManager:
         try:
             outcome, failures = await self._settle_all("restore")
             outcome["failed"] = [f.eip_uuid for f in failures]
+            await self.firewall.check(orphans=True)   # rules of EIPs deleted while down go
             log.info("EIP restore: %s", {k: len(v) for k, v in outcome.items()})
             return outcome
         finally:
@@ -442,6 +462,7 @@ class EipManager:
             outcome, failures = await self._settle_all("repair")
             repaired = sorted(outcome["repaired"])
             failed += failures
+        await self.firewall.check(orphans=remove_orphans)
         return {"eips": self.applied(), "orphans_removed": sorted(removed),
                 "repaired": repaired, "failed": failed}
 

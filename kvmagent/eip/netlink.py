@@ -40,6 +40,10 @@ from .spec import EipSpec
 NETNS_DIR = "/run/netns"
 IFF_UP = 0x1
 NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
+NTF_SELF = 0x02
+IFA_F_NODAD = 0x02
+_DEFAULT = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 ETH_P_ARP = 0x0806
 
 
@@ -236,14 +240,16 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
 
         pn = ns_links[names.pub_ns]["index"]
         vn = ns_links[names.vm_ns]["index"]
+        family = socket.AF_INET if spec.ip_version == 4 else socket.AF_INET6
         want = {pn: (spec.vip, spec.vip_prefixlen), vn: (spec.nic_gateway, spec.nic_prefixlen)}
         have: dict[int, set[tuple[str, int]]] = {pn: set(), vn: set()}
-        for addr in ns.addr("dump", family=socket.AF_INET):
-            if addr["index"] in have:
+        for addr in ns.addr("dump"):
+            if addr["index"] in have and _routable(addr.get("address")):
                 have[addr["index"]].add((addr.get("address"), addr["prefixlen"]))
-        if want[pn] not in have[pn] and not spec.skip_arp_check:
+        if want[pn] not in have[pn] and not spec.skip_arp_check and spec.ip_version == 4:
             # The VIP is not ours yet: make sure nobody else on the public network holds it
-            # (before anything of the current configuration is taken away).
+            # (before anything of the current configuration is taken away). IPv4 only, as in
+            # ZStack (an IPv6 duplicate would need DAD, which is off: see nft.SYSCTLS6).
             _check(abort)
             arp_probe(names, spec.vip, ns_mac=mac_for(spec.eip_uuid, "pn"), timeout=arp_timeout)
             report.arp_checked = True
@@ -254,17 +260,94 @@ def converge_links(spec: EipSpec, names: Names, report: ApplyReport, *, arp_time
                 report.removed.append(f"{address}/{plen}")
         for index, (address, plen) in want.items():
             if (address, plen) not in have[index]:
-                net = ipaddress.IPv4Network(f"{address}/{plen}", strict=False)
-                ns.addr("add", index=index, address=address, prefixlen=plen,
-                        broadcast=str(net.broadcast_address))
+                if spec.ip_version == 4:
+                    net = ipaddress.IPv4Network(f"{address}/{plen}", strict=False)
+                    ns.addr("add", index=index, address=address, prefixlen=plen,
+                            broadcast=str(net.broadcast_address))
+                else:
+                    ns.addr("add", index=index, address=address, prefixlen=plen,
+                            flags=IFA_F_NODAD)
 
         _check(abort)
-        for neigh in ns.neigh("dump", family=socket.AF_INET, ifindex=vn):
-            if neigh["state"] & NUD_PERMANENT and neigh.get("dst") != spec.nic_ip:
-                ns.neigh("del", dst=neigh.get("dst"), ifindex=vn)
-        ns.neigh("replace", dst=spec.nic_ip, lladdr=spec.nic_mac, ifindex=vn, state="permanent")
-        ns.route("replace", dst="0.0.0.0/0", gateway=spec.vip_gateway, oif=pn)
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            for neigh in ns.neigh("dump", family=fam, ifindex=vn):
+                if neigh["state"] & NUD_PERMANENT and neigh.get("dst") != spec.nic_ip:
+                    ns.neigh("del", dst=neigh.get("dst"), ifindex=vn, family=fam)
+        ns.neigh("replace", dst=spec.nic_ip, lladdr=spec.nic_mac, ifindex=vn, state="permanent",
+                 family=family)
+        other = socket.AF_INET6 if family == socket.AF_INET else socket.AF_INET
+        for route in ns.route("dump", family=other, table=254):
+            if route["dst_len"] == 0:   # a default of the other IP version (re-apply 4 <-> 6)
+                ns.route("del", dst=_DEFAULT[other], family=other)
+        ns.route("replace", dst=_DEFAULT[family], gateway=spec.vip_gateway, oif=pn,
+                 family=family)
+    _check(abort)
+    converge_fdb(spec, report)
     return report
+
+
+def _routable(address: str | None) -> bool:
+    """Addresses an EIP sets (not loopback, not IPv6 link-local: the kernel makes those)."""
+    if not address:
+        return False
+    addr = ipaddress.ip_address(address)
+    return not (addr.is_loopback or addr.is_link_local)
+
+
+def fdb_mac(eip_uuid: str) -> str:
+    """ZStack puts the MAC of the namespace's VM-side end (the one holding nicGateway) into
+    the physical NIC's fdb, so a VF's traffic to the gateway reaches the namespace."""
+    return mac_for(eip_uuid, "vn")
+
+
+def converge_fdb(spec: EipSpec, report: ApplyReport) -> None:
+    """With ``addfdb`` and ``physicalNic``: a permanent ``self`` fdb entry (the NIC's own
+    forwarding table, as ``bridge fdb add <mac> dev <nic> self permanent``) for
+    :func:`fdb_mac`; entries for that MAC on other NICs (the NIC changed) are removed."""
+    mac = fdb_mac(spec.eip_uuid)
+    with IPRoute() as ipr:
+        want = None
+        if spec.fdb_nic:
+            link = _get_link(ipr, spec.fdb_nic)
+            if link is None:
+                raise AgentError(f"physicalNic {spec.fdb_nic!r}: no such link on this host")
+            want = link["index"]
+        for index in _fdb_holders(ipr, mac):
+            if index != want:
+                ipr.fdb("del", ifindex=index, lladdr=mac, flags=NTF_SELF)
+                report.removed.append(f"fdb {mac}@{index}")
+        if want is not None and want not in _fdb_holders(ipr, mac, want):
+            try:
+                ipr.fdb("add", ifindex=want, lladdr=mac, flags=NTF_SELF,
+                        state=NUD_PERMANENT | NUD_NOARP)
+            except NetlinkError as exc:
+                raise AgentError(f"physicalNic {spec.fdb_nic}: cannot add the fdb entry "
+                                 f"{mac}: {exc}") from None
+
+
+def _fdb_holders(ipr: IPRoute, mac: str, ifindex: int | None = None) -> list[int]:
+    """Indexes of the links whose own (``self``) fdb holds ``mac``."""
+    found = []
+    for entry in ipr.fdb("dump"):   # (a dump filtered by ifindex is EOPNOTSUPP on some links)
+        if (entry.get("lladdr") == mac and entry["flags"] & NTF_SELF
+                and ifindex in (None, entry["ifindex"]) and entry["ifindex"] not in found):
+            found.append(entry["ifindex"])
+    return found
+
+
+def remove_fdb(eip_uuid: str) -> list[str]:
+    """Remove the EIP's fdb entries wherever they are (absent is fine)."""
+    mac = fdb_mac(eip_uuid)
+    removed = []
+    with IPRoute() as ipr:
+        for index in _fdb_holders(ipr, mac):
+            try:
+                ipr.fdb("del", ifindex=index, lladdr=mac, flags=NTF_SELF)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.ENODEV):
+                    raise
+            removed.append(f"fdb {mac}@{index}")
+    return removed
 
 
 def teardown(names: Names, *, abort: threading.Event | None = None) -> list[str]:
@@ -362,15 +445,18 @@ def observe(names: Names) -> Observed:
                                                 "mac": link.get("address"),
                                                 "mtu": link.get("mtu"),
                                                 "up": bool(link["flags"] & IFF_UP)}
-            for addr in ns.addr("dump", family=socket.AF_INET):
+            for addr in ns.addr("dump"):
+                if addr["family"] == socket.AF_INET6 and not _routable(addr.get("address")):
+                    continue
                 addresses.append(f"{byindex.get(addr['index'])}:{addr.get('address')}/"
                                  f"{addr['prefixlen']}")
-            for neigh in ns.neigh("dump", family=socket.AF_INET):
-                if neigh["state"] & NUD_PERMANENT:
-                    neighbours.append((neigh.get("dst"), neigh.get("lladdr")))
-            for route in ns.route("dump", family=socket.AF_INET, table=254):
-                if route["dst_len"] == 0:
-                    routes.append(f"{route.get('gateway')}@{byindex.get(route.get('oif'))}")
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                for neigh in ns.neigh("dump", family=fam):
+                    if neigh["state"] & NUD_PERMANENT:
+                        neighbours.append((neigh.get("dst"), neigh.get("lladdr")))
+                for route in ns.route("dump", family=fam, table=254):
+                    if route["dst_len"] == 0 and route.get("gateway"):
+                        routes.append(f"{route.get('gateway')}@{byindex.get(route.get('oif'))}")
     return Observed(exists, root_links, ns_links, sorted(addresses), sorted(neighbours),
                     sorted(routes))
 

@@ -5,7 +5,9 @@ transaction flushes it and adds everything below, run inside the namespace with
 ``nsenter --net=/run/netns/<ns>`` (an argv, no shell). Either all of it applies or none does,
 and applying it twice leaves exactly one copy.
 
-``table ip <T>`` (T = "eip")::
+``table ip <T>`` (T = "eip"; ``table ip6 <T>`` with the same chains for an IPv6 EIP, whose
+input chain also drops what comes from another MAC than the VM's on the VM side and lets
+neighbour discovery in; there is no arp table then)::
 
     prerouting  nat    dstnat  iifname <pn> ip daddr <vip>    counter dnat to <nicIp>
     postrouting nat    srcnat  oifname <pn> ip saddr <nicIp>  counter snat to <vip>
@@ -59,11 +61,14 @@ def _ct_established() -> dict:
 
 
 def build_ruleset(spec: EipSpec, names: Names) -> dict:
+    """The namespace's whole ruleset: ``table ip`` (IPv4 EIP) or ``table ip6`` (IPv6 EIP)."""
     pn, vn = names.pub_ns, names.vm_ns
+    fam = "ip" if spec.ip_version == 4 else "ip6"
+    icmp = "icmp" if fam == "ip" else "icmpv6"
     cmds: list[dict] = [
         {"metainfo": {"json_schema_version": 1}},
         {"flush": {"ruleset": None}},
-        {"add": {"table": {"family": "ip", "name": TABLE}}},
+        {"add": {"table": {"family": fam, "name": TABLE}}},
     ]
 
     def chain(family: str, table: str, name: str, kind: str, hook: str, prio: int,
@@ -76,26 +81,36 @@ def build_ruleset(spec: EipSpec, names: Names) -> dict:
         cmds.append({"add": {"rule": {"family": family, "table": table, "chain": chain_name,
                                       "expr": list(expr)}}})
 
-    chain("ip", TABLE, "prerouting", "nat", "prerouting", -100)
-    rule("ip", TABLE, "prerouting", _match(_meta("iifname"), pn),
-         _match(_payload("ip", "daddr"), spec.vip), {"counter": None},
+    chain(fam, TABLE, "prerouting", "nat", "prerouting", -100)
+    rule(fam, TABLE, "prerouting", _match(_meta("iifname"), pn),
+         _match(_payload(fam, "daddr"), spec.vip), {"counter": None},
          {"dnat": {"addr": spec.nic_ip}})
-    chain("ip", TABLE, "postrouting", "nat", "postrouting", 100)
-    rule("ip", TABLE, "postrouting", _match(_meta("oifname"), pn),
-         _match(_payload("ip", "saddr"), spec.nic_ip), {"counter": None},
+    chain(fam, TABLE, "postrouting", "nat", "postrouting", 100)
+    rule(fam, TABLE, "postrouting", _match(_meta("oifname"), pn),
+         _match(_payload(fam, "saddr"), spec.nic_ip), {"counter": None},
          {"snat": {"addr": spec.vip}})
-    chain("ip", TABLE, "forward", "filter", "forward", 0, "drop")
-    rule("ip", TABLE, "forward", _ct_established(), {"accept": None})
-    rule("ip", TABLE, "forward", _match(_meta("iifname"), pn), _match(_meta("oifname"), vn),
-         _match(_payload("ip", "daddr"), spec.nic_ip), {"counter": None}, {"accept": None})
-    rule("ip", TABLE, "forward", _match(_meta("iifname"), vn), _match(_meta("oifname"), pn),
-         _match(_payload("ip", "saddr"), spec.nic_ip), {"counter": None}, {"accept": None})
-    chain("ip", TABLE, "input", "filter", "input", 0, "drop")
-    rule("ip", TABLE, "input", _match(_meta("iifname"), "lo"), {"accept": None})
-    rule("ip", TABLE, "input", _ct_established(), {"accept": None})
-    rule("ip", TABLE, "input", _match(_meta("iifname"), vn),
-         _match(_payload("ip", "saddr"), spec.nic_ip),
-         _match(_payload("icmp", "type"), "echo-request"), {"accept": None})
+    chain(fam, TABLE, "forward", "filter", "forward", 0, "drop")
+    rule(fam, TABLE, "forward", _ct_established(), {"accept": None})
+    rule(fam, TABLE, "forward", _match(_meta("iifname"), pn), _match(_meta("oifname"), vn),
+         _match(_payload(fam, "daddr"), spec.nic_ip), {"counter": None}, {"accept": None})
+    rule(fam, TABLE, "forward", _match(_meta("iifname"), vn), _match(_meta("oifname"), pn),
+         _match(_payload(fam, "saddr"), spec.nic_ip), {"counter": None}, {"accept": None})
+    chain(fam, TABLE, "input", "filter", "input", 0, "drop")
+    rule(fam, TABLE, "input", _match(_meta("iifname"), "lo"), {"accept": None})
+    if fam == "ip6":
+        # Neighbour discovery is ARP's job in IPv6: on the VM side answer only the VM (several
+        # EIP namespaces on one VM bridge hold the same gateway address), then let ND in.
+        rule(fam, TABLE, "input", _match(_meta("iifname"), vn),
+             _match(_payload("ether", "saddr"), spec.nic_mac, "!="), {"drop": None})
+        rule(fam, TABLE, "input", _match(_payload(icmp, "type"),
+                                         {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}),
+             {"accept": None})
+    rule(fam, TABLE, "input", _ct_established(), {"accept": None})
+    rule(fam, TABLE, "input", _match(_meta("iifname"), vn),
+         _match(_payload(fam, "saddr"), spec.nic_ip),
+         _match(_payload(icmp, "type"), "echo-request"), {"accept": None})
+    if fam == "ip6":
+        return {"nftables": cmds}
 
     cmds.append({"add": {"table": {"family": "arp", "name": ARP_TABLE}}})
     chain("arp", ARP_TABLE, "input", "filter", "input", 0)
@@ -128,16 +143,29 @@ def rule_count(ruleset: dict) -> int:
                if "rule" in item or "rule" in item.get("add", {}))
 
 
-# Forwarding on, IPv6 off (the EIP is IPv4; no link-local chatter on the bridges). On a host
-# booted with ipv6.disable=1 there is no net.ipv6 at all: nothing to turn off, so unknown keys
-# are ignored (``sysctl -e``); a key that exists and cannot be written still fails.
+# IPv4 EIP: forwarding on, IPv6 off (no link-local chatter on the bridges). On a host booted
+# with ipv6.disable=1 there is no net.ipv6 at all: nothing to turn off, so unknown keys are
+# ignored (``sysctl -e``); a key that exists and cannot be written still fails.
 SYSCTLS = ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1",
            "net.ipv6.conf.default.disable_ipv6=1")
+# IPv6 EIP: IPv6 on and forwarding; no DAD (the addresses are the MN's, and DAD would keep
+# them "tentative" for a second after every apply); no router advertisements taken.
+SYSCTLS6 = ("net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.forwarding=1",
+            "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0")
 
 
-async def set_sysctls(names: Names, *, timeout: float) -> None:
-    """Apply :data:`SYSCTLS` inside the EIP namespace."""
-    result = await run_process(nsenter_argv(names.netns, "sysctl", "-e", "-q", "-w", *SYSCTLS),
+def sysctls_for(ip_version: int) -> tuple[str, ...]:
+    return SYSCTLS if ip_version == 4 else SYSCTLS6
+
+
+async def set_sysctls(names: Names, *, timeout: float, ip_version: int = 4) -> None:
+    """Apply :func:`sysctls_for` the EIP's IP version inside the EIP namespace (an IPv6 EIP
+    on a host without IPv6 fails here, naming the key)."""
+    keys = sysctls_for(ip_version)
+    flags = ("-e", "-q") if ip_version == 4 else ("-q",)
+    result = await run_process(nsenter_argv(names.netns, "sysctl", *flags, "-w", *keys),
                                timeout=timeout)
     if not result.ok:
         raise AgentError(f"sysctl in namespace {names.netns}: {result.describe()}")

@@ -16,11 +16,21 @@ Bringing the engine up (:meth:`DockerEngine.ensure_running`):
    exists), else the configured ``docker_start_command`` (it must return once the engine is
    starting, e.g. ``["service", "docker", "start"]``), else spawn ``dockerd`` detached in its own
    session with its log in ``dockerd_log_file``; then wait up to ``docker_start_timeout``.
+
+An engine the agent starts or installs itself does not manage iptables, as ZStack's agent
+requires: a dockerd it spawns gets ``--iptables=false``; before ``systemctl start docker``, the
+``docker_start_command`` or an install, ``/etc/docker/daemon.json`` gets ``"iptables": false``
+(:func:`keep_off_iptables`). Either only when the config file says nothing about iptables (the
+operator's choice is kept). Why: a dockerd managing iptables sets the FORWARD policy to DROP,
+and with br_netfilter (which ZStack turns on for security groups) that drops every bridged VM
+frame. The vhost target runs with host networking, so it needs no docker NAT. An engine that
+already runs is the operator's and is left alone; EIPs cope with it (kvmagent/eip/hostfw.py).
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import shutil
@@ -52,6 +62,7 @@ T = TypeVar("T")
 
 DEFAULT_URL = "unix:///var/run/docker.sock"
 SYSTEMD_MARKER = Path("/run/systemd/system")
+DAEMON_JSON = Path("/etc/docker/daemon.json")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 INSTALL_TIMEOUT = 900.0
 POLL_INTERVAL = 0.3
@@ -74,13 +85,16 @@ class StartPlan:
     argv: list[str]
 
 
-def plan_start(config: AgentConfig, dockerd: str, systemd: bool) -> StartPlan:
-    """How this host starts its engine (pure, so the choice is testable anywhere)."""
+def plan_start(config: AgentConfig, dockerd: str, systemd: bool,
+               iptables_flag: bool = False) -> StartPlan:
+    """How this host starts its engine (pure, so the choice is testable anywhere).
+    ``iptables_flag``: a spawned dockerd gets ``--iptables=false`` (when its daemon.json
+    says nothing about iptables: dockerd refuses an option given both ways)."""
     if systemd:
         return StartPlan("systemd", ["systemctl", "start", "docker"])
     if config.docker_start_command:
         return StartPlan("command", list(config.docker_start_command))
-    argv = [dockerd]
+    argv = [dockerd] + (["--iptables=false"] if iptables_flag else [])
     if config.docker_url.startswith("unix://") and config.docker_url != DEFAULT_URL:
         argv += ["--host", config.docker_url]
     return StartPlan("spawn", argv)
@@ -122,10 +136,11 @@ class DockerEngine:
     """One agent's view of the local docker engine (held in ``ctx.services``)."""
 
     def __init__(self, config: AgentConfig, runner: BlockingRunner, *,
-                 systemd_marker: Path = SYSTEMD_MARKER):
+                 systemd_marker: Path = SYSTEMD_MARKER, daemon_json: Path = DAEMON_JSON):
         self.config = config
         self.runner = runner
         self.systemd_marker = systemd_marker
+        self.daemon_json = daemon_json
         self._api_version: str | None = None  # negotiated once, then reused
         self._lock = asyncio.Lock()
         self._spawned: subprocess.Popen | None = None
@@ -217,6 +232,7 @@ class DockerEngine:
                         f"docker is not installed on this host ({self.config.dockerd_binary} not "
                         f"found); install docker.io, or set docker_install_allowed = true to let "
                         f"the agent install it")
+                await self._local(lambda: keep_off_iptables(self.daemon_json), "daemon.json")
                 await self.install()
                 dockerd = await self._local(self.find_dockerd, "dockerd lookup")
                 if dockerd is None:
@@ -230,7 +246,14 @@ class DockerEngine:
                     f"dockerd (pid {', '.join(map(str, running))}) is running but does not "
                     f"answer there")
             systemd = await self._local(self.systemd_running, "systemd check")
-            plan = plan_start(self.config, dockerd, systemd)
+            iptables_flag = False
+            if systemd or self.config.docker_start_command:
+                # An init system's unit/script takes no flags of ours: the config file must.
+                await self._local(lambda: keep_off_iptables(self.daemon_json), "daemon.json")
+            else:
+                iptables_flag = not await self._local(
+                    lambda: mentions_iptables(self.daemon_json), "daemon.json")
+            plan = plan_start(self.config, dockerd, systemd, iptables_flag)
             await self._start(plan)
             return await self._wait(f"started dockerd ({plan.method}) but it did not answer "
                                     f"within {self.config.docker_start_timeout:g}s")
@@ -292,6 +315,45 @@ class DockerEngine:
             result = await run_process(argv, timeout=INSTALL_TIMEOUT, env=_env(apt=True))
         if not result.ok:
             raise AgentError(f"installing docker.io failed: {result.describe()}")
+
+
+def mentions_iptables(path: Path) -> bool:
+    """Does the engine's config file set ``iptables`` (either way)?"""
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(current, dict) and "iptables" in current
+
+
+def keep_off_iptables(path: Path) -> str:
+    """Make the engine's config say ``"iptables": false`` unless it says anything about
+    iptables already (the operator's choice is kept). Returns what happened: "created",
+    "added", "kept" or "unreadable" (not JSON: left alone, dockerd would refuse it anyway)."""
+    try:
+        current = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); not adding \"iptables\": false", path, exc)
+        return "unreadable"
+    if current is not None and not isinstance(current, dict):
+        log.warning("%s is not a JSON object; not adding \"iptables\": false", path)
+        return "unreadable"
+    if current is not None and "iptables" in current:
+        if current["iptables"] is not False:
+            log.warning("%s sets \"iptables\": %s: docker will set the FORWARD policy to DROP "
+                        "and, with br_netfilter, drop bridged VM traffic", path,
+                        json.dumps(current["iptables"]))
+        return "kept"
+    outcome = "created" if current is None else "added"
+    data = dict(current or {}, iptables=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.kvmagent")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    log.info("%s: \"iptables\": false %s (docker must not drop bridged VM traffic)", path,
+             outcome)
+    return outcome
 
 
 def _env(apt: bool = False) -> dict[str, str]:

@@ -194,6 +194,11 @@ class JuicefsBackend(Backend):
         env = {**os.environ, **extra}
         timeout = self.config.modelcenter_mount_timeout
         what = f"juicefs mount of {url.masked}"
+        if url.argv_secrets:
+            log.warning("%s: juicefs reads this URL's credential only from the URL itself, so "
+                        "it is in the juicefs command line (visible in /proc to local users); "
+                        "prefer an engine that takes META_PASSWORD (redis, mysql, postgres)",
+                        what)
         try:
             result = await run_process(argv, timeout=timeout, env=env)
         except BlockingTimeout:
@@ -204,11 +209,12 @@ class JuicefsBackend(Backend):
                                              timeout=self.config.modelcenter_probe_timeout) or ""
             except AgentError:
                 tail = ""
-            reason = _juicefs_reason(tail)
+            reason = url.scrub(_juicefs_reason(tail))
             raise AgentError(f"{what} did not finish within {timeout:g}s"
                              + (f": {reason}" if reason else "")) from None
         if not result.ok:
-            reason = _juicefs_reason((result.stderr or result.stdout).decode(errors="replace"))
+            reason = url.scrub(_juicefs_reason(
+                (result.stderr or result.stdout).decode(errors="replace")))
             raise AgentError(f"{what} failed: {reason or f'exit status {result.returncode}'}")
         entry = mounttable.mount_at(mount_point, self.config.procfs_root)
         if entry is None or not self.fstype_matches(entry):

@@ -211,6 +211,7 @@ class ModelCenterService:
             options.check_for(url.kind)
         except ValueError as exc:
             raise AgentError(str(exc)) from None
+        options = zstack_defaults(url, options, self.config)
         wanted = Record(uuid, storage_url, options.given(), url.kind)
         mount_point = self.mount_point(uuid)
         backend = self.backend(url.kind)
@@ -241,7 +242,12 @@ class ModelCenterService:
                 log.warning("model center %s: existing mount at %s is unusable (%s); "
                             "mounting again", uuid, mount_point, reason)
                 await backend.recover(mount_point, current.daemon if current else None)
-            await self._mount(uuid, wanted, url)
+            try:
+                await self._mount(uuid, wanted, url)
+            except BaseException:
+                if current is None:  # a first mount that failed leaves no directory behind
+                    await self._rmdir(mount_point)
+                raise
             return mount_point
 
     async def _mount(self, uuid: str, record: Record, url: StorageUrl) -> None:
@@ -320,11 +326,36 @@ class ModelCenterService:
                 reason = f"{reason} (being mounted or repaired right now)"
             health = self._mark(uuid, reason)
             return {"modelCenterUuid": uuid, "mountPoint": str(self.mount_point(uuid)),
+                    "isMounted": self._mount_entry(uuid) is not None,
                     "healthy": bool(health.healthy), "reason": health.reason,
                     "kind": record.kind, "storageUrl": record.url.masked,
                     "remounts": health.remounts}
 
-        return list(await asyncio.gather(*(one(u, r) for u, r in sorted(records.items()))))
+        found = list(await asyncio.gather(*(one(u, r) for u, r in sorted(records.items()))))
+        # Like ZStack's agent, also every other directory under the root (e.g. mounted by
+        # ZStack's agent before this one took over): the MN sees what the host has.
+        for name in await self._unrecorded_dirs(set(records)):
+            entry = self._mount_entry(name)
+            found.append({"modelCenterUuid": name, "mountPoint": str(self.mount_point(name)),
+                          "isMounted": entry is not None, "healthy": False,
+                          "reason": "not mounted by this agent (no record)",
+                          "kind": _kind_of(entry) if entry is not None else None})
+        return found
+
+    async def _unrecorded_dirs(self, recorded: set[str]) -> list[str]:
+        def scan() -> list[str]:
+            try:
+                with os.scandir(self.root) as it:
+                    return sorted(e.name for e in it if not e.name.startswith(".")
+                                  and e.name not in recorded and e.is_dir(follow_symlinks=False))
+            except OSError:
+                return []
+        try:
+            return await self.ctx.runner.run(scan, timeout=self.config.modelcenter_probe_timeout,
+                                             what="listing the models root")
+        except AgentError as exc:
+            log.warning("model center list: %s", exc)
+            return []
 
     # -- repair -----------------------------------------------------------------------------
     async def repair(self, uuid: str, reason: str | None = None) -> bool:
@@ -436,6 +467,19 @@ def _kind_of(entry: mounttable.MountEntry | None) -> str:
     if entry.fstype in ("nfs", "nfs4"):
         return "nfs"
     return "file"
+
+
+def zstack_defaults(url: StorageUrl, options: MountOptions, config) -> MountOptions:
+    """A raw metadata URL is ZStack's form: mount as ZStack's agent does (read-only, the
+    volume's ``models`` directory as root: config modelcenter_meta_url_subdir), unless
+    mountOptions say otherwise."""
+    if not url.raw_meta:
+        return options
+    given = options.given()
+    given.setdefault("read_only", True)
+    if config.modelcenter_meta_url_subdir and "subdir" not in given:
+        given["subdir"] = config.modelcenter_meta_url_subdir
+    return MountOptions.model_validate(given)
 
 
 def ensure_models_root(config) -> None:

@@ -2,21 +2,26 @@
 
 A storage URL names where the models live:
 
-====================================  =============================================
-``juicefs://<meta-url>``              JuiceFS volume; ``<meta-url>`` is its metadata
-``zdfs://<meta-url>``                 engine URL (``sqlite3:///var/lib/x.db``,
-                                      ``redis://:pw@host:6379/1``, ``mysql://...``)
-``nfs://host[:port]/export``          NFS export (mount.nfs)
-``file:///dir``                       a local directory, bind-mounted
-====================================  =============================================
+=========================================  ==========================================
+``redis://[user:pw@]host:6379/1``,         ZStack's form: a raw JuiceFS metadata URL
+``mysql://u:pw@(host:3306)/db``, ...       (any engine juicefs knows, see META_SCHEMES),
+                                           mounted read-only with ``--subdir models``
+``juicefs://<meta-url>``                   extension: a JuiceFS volume mounted as given
+``zdfs://<meta-url>``                      extension: the same (ZStack never parses zdfs)
+``nfs://host[:port]/export``               extension: NFS export (mount.nfs)
+``file:///dir``                            extension: a local directory, bind-mounted
+=========================================  ==========================================
 
 Every value that later becomes a command-line argument is checked here, so nothing can be
-read as an option (``-x``) or smuggle whitespace, and a password in a metadata URL is split
-off (it reaches juicefs through ``META_PASSWORD``, never its argv). The user-info ends at the
-last ``@``, so a password may hold ``@`` or ``/``; an ``@`` in a query value must be
-percent-encoded. Credentials as query parameters (``?password=...``) are refused: juicefs
-would get them in its argv. Error messages never repeat the URL itself, and
-:attr:`StorageUrl.masked` is rebuilt from the parsed parts with ``***`` for the password.
+read as an option (``-x``) or smuggle whitespace. A password in the user-info of an engine
+whose juicefs driver reads ``META_PASSWORD`` (redis, rediss, unix, mysql, postgres) is split
+off and reaches juicefs through that variable, never its argv. juicefs takes credentials of
+other engines (etcd user-info, query parameters such as ``?password=``) only from the URL
+itself: such URLs are accepted (they are legitimate) and passed verbatim; the agent logs a
+warning that the credential is in the mount's argv. The user-info ends at the last ``@``, so a
+password may hold ``@`` or ``/``; an ``@`` in a query value must be percent-encoded. Error
+messages never repeat the URL, :attr:`StorageUrl.masked` is rebuilt from the parsed parts with
+``***`` for every credential, and :meth:`StorageUrl.scrub` removes them from any text.
 """
 from __future__ import annotations
 
@@ -25,26 +30,35 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from ..core.logs import mask_text
+from ..core.logs import MASK, mask_text
 
 MAX_URL = 4096
 
-# JuiceFS metadata engines (https://juicefs.com/docs/community/databases_for_metadata).
+# JuiceFS metadata engines (juicefs docs "How to Set Up Metadata Engine"; pkg/meta Register
+# calls). fdb exists only in juicefs builds with FoundationDB: the binary says if it has it.
 META_SCHEMES = frozenset({
-    "redis", "rediss", "unix", "mysql", "postgres", "sqlite3", "tikv", "etcd", "badger",
+    "redis", "rediss", "unix", "mysql", "postgres", "sqlite3", "tikv", "etcd", "badger", "fdb",
 })
-# Engines whose URL is a local path: sqlite3:///abs/file.db, badger:///abs/dir
-_PATH_ENGINES = frozenset({"sqlite3", "badger"})
+# juicefs drivers that take the password from META_PASSWORD (pkg/meta: redis.go reads it when
+# the URL has none; NewClient puts it into mysql/postgres URLs).
+ENV_PASSWORD_ENGINES = frozenset({"redis", "rediss", "unix", "mysql", "postgres"})
+# ... and mysql/postgres need the '@' kept (NewClient inserts ':<pw>' before it).
+_KEEP_AT = frozenset({"mysql", "postgres"})
+# Engines whose URL is a local path: sqlite3:///abs/file.db, badger:///abs/dir,
+# fdb:///etc/foundationdb/fdb.cluster?prefix=jfs (fdb may omit the cluster file).
+_PATH_ENGINES = frozenset({"sqlite3", "badger", "fdb"})
+# Engines reached through a socket path rather than a host (unix:///run/redis.sock?db=1,
+# postgres://u@/db?host=/run/postgresql).
+_SOCKET_ADDRESS = frozenset({"unix", "postgres"})
 
-_SCHEME = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$", re.S)
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.S)
 _USER = re.compile(r"^[^:@/?#]*$")
-# Query parameters that would carry a credential in argv (juicefs takes only the user-info
-# password from META_PASSWORD).
+# Query parameters that carry a credential (postgres ?password=, sqlite3 ?_auth_pass=, ...).
 _SECRET_PARAM = re.compile(r"(?i)(pass|pwd|secret|token|credential|auth)")
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -58,11 +72,13 @@ class StorageUrlError(ValueError):
 @dataclass(frozen=True)
 class StorageUrl:
     kind: Literal["juicefs", "nfs", "file"]
-    scheme: str  # as written: juicefs, zdfs, nfs, file
-    # juicefs/zdfs
-    meta_url: str | None = None  # without the password
+    scheme: str  # as written: juicefs, zdfs, nfs, file, or the engine of a raw meta URL
+    # juicefs/zdfs/raw meta URL
+    meta_url: str | None = None  # the juicefs argv value (no password of an env engine)
     meta_password: str | None = field(default=None, repr=False)
     masked_text: str | None = field(default=None, repr=False, compare=False)
+    # credentials juicefs can only read from its argv (etcd user-info, query parameters)
+    argv_secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
     # nfs
     host: str | None = None
     port: int | None = None
@@ -72,19 +88,39 @@ class StorageUrl:
     original: str = field(default="", repr=False, compare=False)
 
     @property
+    def raw_meta(self) -> bool:
+        """ZStack's form: the metadata URL itself, not wrapped in juicefs:// or zdfs://."""
+        return self.kind == "juicefs" and self.scheme in META_SCHEMES
+
+    @property
     def masked(self) -> str:
         """The URL with any credential masked, fit for logs and replies.
 
-        Built from the parsed parts (the password replaced by ``***``), so no part of a
+        Built from the parsed parts (each credential replaced by ``***``), so no part of a
         password with unusual characters (``@``, ``/``) can survive a pattern match."""
         if self.kind == "juicefs":
             return self.masked_text or ""
         return mask_text(self.original)
 
+    def secrets(self) -> list[str]:
+        found = [s for s in (self.meta_password, *self.argv_secrets) if s]
+        # also the percent-encoded spellings, as juicefs may print them
+        return sorted({*found, *(_quoted(s) for s in found)}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        """``text`` (a juicefs error, a log line) with every credential of this URL masked."""
+        for secret in self.secrets():
+            text = text.replace(secret, MASK)
+        return mask_text(text)
+
     @property
     def nfs_source(self) -> str:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.export}"
+
+
+def _quoted(text: str) -> str:
+    return quote(text, safe="")
 
 
 def _check_text(url: str) -> None:
@@ -123,66 +159,93 @@ def _split_userinfo(rest: str) -> tuple[str | None, str | None, str]:
     return user, (password if colon else None), address
 
 
-def _check_query(query: str, engine: str) -> None:
+def _query_secrets(query: str) -> tuple[str, list[str]]:
+    """(query with credential values masked, the credential values as written)."""
+    shown, secrets = [], []
     for item in query.split("&"):
-        key = unquote(item.partition("=")[0])
-        if _SECRET_PARAM.search(key):
-            raise StorageUrlError(
-                f"the {engine} metadata URL passes a credential as the query parameter "
-                f"{key[:32]!r}; put the password in the user-info (user:password@host) "
-                f"instead: it reaches juicefs through META_PASSWORD, never its argv")
+        key, eq, value = item.partition("=")
+        if eq and value and _SECRET_PARAM.search(unquote(key)):
+            secrets += [value, unquote(value)]
+            shown.append(f"{key}={MASK}")
+        else:
+            shown.append(item)
+    return "&".join(shown), secrets
 
 
 def parse_meta_url(meta: str) -> tuple[str, str | None]:
-    """(meta URL without its password, password or None) of a JuiceFS metadata URL."""
-    meta_url, password, _ = _parse_meta(meta)
-    return meta_url, password
+    """(meta URL for juicefs' argv, password for META_PASSWORD or None)."""
+    parsed = _parse_meta(meta)
+    return parsed[0], parsed[1]
 
 
-def _parse_meta(meta: str) -> tuple[str, str | None, str]:
-    """(meta URL without password, password or None, masked meta URL)."""
+def _parse_meta(meta: str) -> tuple[str, str | None, str, tuple[str, ...]]:
+    """(argv meta URL, META_PASSWORD or None, masked meta URL, credentials left in argv)."""
     if meta.startswith("-"):
         raise StorageUrlError("the metadata URL must not start with '-'")
     m = _SCHEME.match(meta)
     if not m:
         raise StorageUrlError("the metadata URL must look like <engine>://...")
     engine, rest = m["scheme"], m["rest"]
+    if engine == "memkv":
+        raise StorageUrlError("the memkv metadata engine lives in one juicefs process's "
+                              "memory: there is no volume to mount; use a persistent engine")
     if engine not in META_SCHEMES:
         raise StorageUrlError(f"unsupported JuiceFS metadata engine {engine!r}; "
                               f"one of {', '.join(sorted(META_SCHEMES))}")
-    if not rest:
+    if not rest and engine != "fdb":
         raise StorageUrlError(f"the {engine} metadata URL has no address")
     if engine in _PATH_ENGINES:
-        path, _, query = rest.partition("?")
-        _clean_abs_path(path, f"the {engine} database path")
-        if path == "/":
-            raise StorageUrlError(f"the {engine} database path must name a file")
-        if query:
-            _check_query(query, engine)
-        return meta, None, meta
+        path, q, query = rest.partition("?")
+        if path or engine != "fdb":  # fdb://?prefix=jfs uses the default cluster file
+            if not path.startswith("/"):
+                raise StorageUrlError(f"the {engine} path must be absolute: {engine}:///dir/"
+                                      f"file (a relative one would depend on the agent's "
+                                      f"working directory)")
+            _clean_abs_path(path, f"the {engine} path")
+            if path == "/":
+                raise StorageUrlError(f"the {engine} path must name a file or directory")
+        shown, secrets = _query_secrets(query) if q else ("", [])
+        return meta, None, f"{engine}://{path}{q}{shown}", tuple(secrets)
     user, pw, address = _split_userinfo(rest)
-    password = (unquote(pw) or None) if pw is not None else None
-    if "?" in address:
-        _check_query(address.partition("?")[2], engine)
-    if not address or address.startswith(("-", "@")) or \
-            address.startswith("/") and engine != "unix":
+    head, q, query = address.partition("?")
+    shown_query, query_secrets = _query_secrets(query) if q else ("", [])
+    socket_ok = engine in _SOCKET_ADDRESS
+    if not address or head.startswith(("-", "@")) or \
+            (not head or head.startswith("/")) and not socket_ok:
         raise StorageUrlError(f"the {engine} metadata URL has no valid address")
-    plain = f"{user}@{address}" if user else address
-    shown = f"{user or ''}:***@{address}" if password is not None else plain
-    return f"{engine}://{plain}", password, f"{engine}://{shown}"
+    shown_address = f"{head}{q}{shown_query}"
+    if pw is not None and engine not in ENV_PASSWORD_ENGINES:
+        # juicefs reads this engine's password only from the URL (etcd): keep it there.
+        masked = f"{engine}://{user or ''}:{MASK}@{shown_address}"
+        return meta, None, masked, tuple(s for s in (pw, unquote(pw), *query_secrets) if s)
+    password = (unquote(pw) or None) if pw is not None else None
+    keep_at = user or (password is not None and engine in _KEEP_AT)
+    plain = f"{user or ''}@{address}" if keep_at else address
+    if password is not None:
+        shown = f"{user or ''}:{MASK}@{shown_address}"
+    else:
+        shown = f"{user or ''}@{shown_address}" if keep_at else shown_address
+    return f"{engine}://{plain}", password, f"{engine}://{shown}", tuple(query_secrets)
 
 
 def parse_storage_url(url: str) -> StorageUrl:
     _check_text(url)
     m = _SCHEME.match(url)
     if not m:
-        raise StorageUrlError("must look like juicefs://<meta-url>, zdfs://<meta-url>, "
+        raise StorageUrlError("must be a JuiceFS metadata URL (redis://..., mysql://..., "
+                              "sqlite3:///...), or juicefs://<meta-url>, zdfs://<meta-url>, "
                               "nfs://host/export or file:///dir")
     scheme, rest = m["scheme"].lower(), m["rest"]
     if scheme in ("juicefs", "zdfs"):
-        meta, password, masked = _parse_meta(rest)
+        meta, password, masked, secrets = _parse_meta(rest)
         return StorageUrl("juicefs", scheme, meta_url=meta, meta_password=password,
-                          masked_text=f"{scheme}://{masked}", original=url)
+                          masked_text=f"{scheme}://{masked}", argv_secrets=secrets,
+                          original=url)
+    if scheme in META_SCHEMES or scheme == "memkv":
+        # ZStack's MN sends the metadata URL itself, for juicefs verbatim.
+        meta, password, masked, secrets = _parse_meta(m["scheme"] + "://" + rest)
+        return StorageUrl("juicefs", scheme, meta_url=meta, meta_password=password,
+                          masked_text=masked, argv_secrets=secrets, original=url)
     if scheme == "nfs":
         return _parse_nfs(rest, url)
     if scheme == "file":
@@ -192,7 +255,8 @@ def parse_storage_url(url: str) -> StorageUrl:
         if path == "/":
             raise StorageUrlError("the file:// path must not be /")
         return StorageUrl("file", scheme, path=path, original=url)
-    raise StorageUrlError(f"unsupported scheme {scheme!r}; one of juicefs, zdfs, nfs, file")
+    raise StorageUrlError(f"unsupported scheme {scheme!r}; a JuiceFS metadata engine "
+                          f"({', '.join(sorted(META_SCHEMES))}), juicefs, zdfs, nfs or file")
 
 
 def _parse_nfs(rest: str, url: str) -> StorageUrl:

@@ -37,6 +37,8 @@ async def guest_virtiofs_mounts(send: Send, tag: str, timeout: float) -> list[st
 class GuestUnmount:
     paths: list[str]  # where the tag was unmounted
     outcome: str  # what happened, for the log
+    ok: bool = True  # no in-guest mount of the tag is left (as far as the guest told)
+    attempted: bool = True  # False: the guest agent did not answer at all
 
 
 async def guest_umount(send: Send, tag: str, timeout: float) -> GuestUnmount:
@@ -48,10 +50,10 @@ async def guest_umount(send: Send, tag: str, timeout: float) -> GuestUnmount:
     command: the unplug goes ahead either way.
     """
     done: list[str] = []
+    failed: list[str] = []
     deadline = time.monotonic() + 2 * timeout
     try:
         paths = (await guest_virtiofs_mounts(send, tag, timeout))[:GUEST_UMOUNT_MAX]
-        failed = []
         for path in paths:
             if time.monotonic() > deadline:
                 failed.append(f"{path}: no time left")
@@ -62,12 +64,13 @@ async def guest_umount(send: Send, tag: str, timeout: float) -> GuestUnmount:
             else:
                 failed.append(f"{path}: {out or f'exit {code}'}")
     except GuestAgentError as exc:
-        return GuestUnmount(done, f"in-guest unmount not done: {exc}")
+        return GuestUnmount(done, f"in-guest unmount not done: {exc}", ok=False,
+                            attempted=bool(done or failed))
     except (KeyError, TypeError, ValueError) as exc:
         return GuestUnmount(done, f"in-guest unmount not done: unexpected guest agent answer: "
-                                  f"{exc}")
+                                  f"{exc}", ok=False)
     if failed:
-        return GuestUnmount(done, f"in-guest unmount failed at {'; '.join(failed)}")
+        return GuestUnmount(done, f"in-guest unmount failed at {'; '.join(failed)}", ok=False)
     return GuestUnmount(done, f"unmounted in the guest at {', '.join(done)}" if done
                         else "not mounted in the guest")
 
@@ -85,8 +88,9 @@ async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
     try:
         await send({"execute": "guest-ping"})
     except GuestAgentError as exc:
-        return GuestMount(False, False, f"in-guest mount not attempted: guest agent not "
-                                        f"available ({exc})")
+        # ZStack's wording for the MN (its agent reports this as an attempted mount)
+        return GuestMount(True, False, f"QGA not connected for VM, unable to mount virtiofs "
+                                       f"source inside VM ({exc})")
     try:
         if mount_path in await guest_virtiofs_mounts(send, tag, timeout):
             if not fresh:
@@ -103,8 +107,8 @@ async def guest_mount(send: Send, tag: str, mount_path: str, readonly: bool,
             if code == 0:
                 return GuestMount(True, True, None)
             if time.monotonic() >= deadline:
-                return GuestMount(True, False, f"mount in the guest failed (tried for "
-                                               f"{wait:g}s): {out or f'exit {code}'}")
+                return GuestMount(True, False, f"Failed to mount virtiofs source in VM (tried "
+                                               f"for {wait:g}s): {out or f'exit {code}'}")
             await asyncio.sleep(GUEST_MOUNT_RETRY)
     except GuestAgentError as exc:
         return GuestMount(True, False, f"guest agent: {exc}")

@@ -148,7 +148,8 @@ class ReexportMixin:
                     mc_entry = self._check_model_center(real, mc)
                     self._check_writable(real, mc, mc_entry, readonly)
                     await self._attach_new(dom, vm, tag, real, mc_entry, rel, False, readonly,
-                                           cache, binary, rec.get("mountPath"))
+                                           cache, binary, rec.get("mountPath"),
+                                           rec.get("queue") or 1024)
             except Exception:
                 await self.registry.put(vm, tag, rec)  # it is still in the persistent definition
                 raise

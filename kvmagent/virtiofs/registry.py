@@ -24,11 +24,12 @@ class Share:
     readonly: bool
     cache_mode: str
     alias: str | None = None
+    queue: int = 1024
     problem: str | None = None  # why it does not export its model center's current mount
 
     def wire(self) -> dict[str, Any]:
         return {"vmInstanceUuid": self.vm_uuid, "tag": self.tag, "sourcePath": self.source_path,
-                "readonly": self.readonly, "cacheMode": self.cache_mode,
+                "readonly": self.readonly, "cacheMode": self.cache_mode, "queue": self.queue,
                 "deviceAlias": self.alias, "problem": self.problem}
 
 
@@ -113,10 +114,10 @@ async def list_shares(ctx: AgentContext, vm: str | None = None) -> list[Share]:
             if rec and rec.get("exportDir") == fs.source_dir:
                 shares.append(Share(rec.get("vmInstanceUuid") or name, fs.tag, rec["sourcePath"],
                                     fs.source_dir, bool(rec.get("readonly")),
-                                    rec.get("cacheMode", fs.cache), fs.alias))
+                                    rec.get("cacheMode", fs.cache), fs.alias, queue=fs.queue))
             else:
                 shares.append(Share(name, fs.tag, fs.source_dir, fs.source_dir, fs.readonly,
-                                    fs.cache, fs.alias))
+                                    fs.cache, fs.alias, queue=fs.queue))
     # A share being exported again after a remount is unplugged for a moment: still a share
     # (an umount must not slip into that gap).
     service = ctx.services.get("virtiofs")
@@ -127,5 +128,6 @@ async def list_shares(ctx: AgentContext, vm: str | None = None) -> list[Share]:
         shares.append(Share(rec.get("vmInstanceUuid") or key[0], key[1], rec["sourcePath"],
                             rec.get("exportDir") or "", bool(rec.get("readonly")),
                             rec.get("cacheMode") or "auto", None,
-                            "being exported again after a remount"))
+                            queue=rec.get("queue") or 1024,
+                            problem="being exported again after a remount"))
     return shares

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SERVICE = "virtiofs"
 MIN_LIBVIRT = (6, 2, 0)  # virtiofs in libvirt; live attach/detach since 7.9 (checked by libvirt)
 MIN_QEMU = (5, 0, 0)  # vhost-user-fs-pci
+HOTPLUG_LIBVIRT = (7, 9, 0)  # live attach/detach of virtiofs; ZStack's virtiofsHotplugSupported
+QGA_NOT_CONNECTED = "QGA not connected for VM, unable to mount virtiofs source inside VM"
 
 
 class VirtiofsService(ReexportMixin):
@@ -151,7 +153,7 @@ class VirtiofsService(ReexportMixin):
 
     # -- attach -----------------------------------------------------------------------------
     async def attach(self, vm: str, tag: str, source: str, mount_path: str | None,
-                     readonly: bool, cache: str) -> GuestMount:
+                     readonly: bool, cache: str, queue: int = 1024) -> GuestMount:
         binary = self.required_virtiofsd()
         async with self.vm_lock(vm):
             dom, active, persistent, live, _ = await self._domain(vm)
@@ -165,7 +167,7 @@ class VirtiofsService(ReexportMixin):
             existing = filesystem_element(live, tag)
             if existing is not None:
                 self._same_or_conflict(vm, tag, VirtiofsShare.from_element(existing), real,
-                                       readonly, cache)
+                                       readonly, cache, queue)
                 log.info("VM %s already shares %s as %s", vm, real, tag)
             else:
                 # Hold the model center's lock too: its umount checks for shares under it,
@@ -174,7 +176,7 @@ class VirtiofsService(ReexportMixin):
                     mc_entry = self._check_model_center(source, mc)
                     self._check_writable(source, mc, mc_entry, readonly)
                     await self._attach_new(dom, vm, tag, real, mc_entry, rel, persistent,
-                                           readonly, cache, binary, mount_path)
+                                           readonly, cache, binary, mount_path, queue)
             # Under the VM's lock: a detach right behind must find the in-guest mount to undo.
             return await self._mount_in_guest(dom, live, tag, mount_path, readonly)
 
@@ -182,43 +184,46 @@ class VirtiofsService(ReexportMixin):
                               mount_path: str | None, readonly: bool,
                               fresh: bool = False) -> GuestMount:
         if not mount_path:
-            return GuestMount(False, False, "in-guest mount not attempted: no mountPath given")
+            return GuestMount(False, False, None)  # ZStack: nothing asked, nothing reported
         if not has_guest_agent_channel(live):
-            return GuestMount(False, False, "in-guest mount not attempted: the VM has no "
-                                            "guest agent channel")
+            return GuestMount(True, False, f"{QGA_NOT_CONNECTED}: the VM has no guest agent "
+                                           f"channel")
         return await guest_mount(self._guest_agent(dom), tag, mount_path, readonly,
                                  self.config.virtiofs_qga_timeout * 2,
                                  self.config.virtiofs_guest_mount_wait, fresh)
 
     def _same_or_conflict(self, vm: str, tag: str, share: VirtiofsShare | None, real: str,
-                          readonly: bool, cache: str) -> None:
+                          readonly: bool, cache: str, queue: int) -> None:
         rec = self.registry.load(vm).get(tag)
         if rec and share is not None and rec.get("exportDir") == share.source_dir:
-            have = (rec["sourcePath"], bool(rec.get("readonly")), rec.get("cacheMode"))
+            have = (rec["sourcePath"], bool(rec.get("readonly")), rec.get("cacheMode"),
+                    share.queue)
         else:
             have = (share.source_dir if share else "?", bool(share and share.readonly),
-                    share.cache if share else "?")
+                    share.cache if share else "?", share.queue if share else "?")
         if have[0] != real:
             raise ConflictError(f"VM {vm} already shares tag {tag} from {have[0]}; detach it "
                                 f"before sharing {real} under that tag")
-        if have[1:] != (readonly, cache):
+        if have[1:] != (readonly, cache, queue):
             raise ConflictError(f"VM {vm} already shares {real} as tag {tag} with readonly="
-                                f"{str(have[1]).lower()} cacheMode={have[2]}; detach it first "
-                                f"to change that")
+                                f"{str(have[1]).lower()} cacheMode={have[2]} queue={have[3]}; "
+                                f"detach it first to change that")
 
     async def _attach_new(self, dom: libvirt.virDomain, vm: str, tag: str, real: str,
                           mc_entry: mounttable.MountEntry, rel: str, persistent: bool,
                           readonly: bool, cache: str, binary: str,
-                          mount_path: str | None) -> None:
+                          mount_path: str | None, queue: int = 1024) -> None:
         # virtiofsd always exports a bind mount the agent made from a no-follow walk, never
         # the requested path itself (which a symlink could redirect).
         export = await self.exports.bind(vm, tag, mc_entry, rel, readonly)
         share = VirtiofsShare(source_dir=real, tag=tag, binary=binary, readonly=readonly,
-                              cache=cache, export_dir=export, readonly_in_xml=False)
+                              cache=cache, export_dir=export, readonly_in_xml=False,
+                              queue=queue)
         xml = share.to_xml()
         await self.registry.put(vm, tag, {"vmInstanceUuid": vm, "sourcePath": real,
                                     "exportDir": export, "readonly": readonly,
-                                    "cacheMode": cache, "mountPath": mount_path})
+                                    "cacheMode": cache, "queue": queue,
+                                    "mountPath": mount_path})
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         if persistent:
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -232,18 +237,22 @@ class VirtiofsService(ReexportMixin):
                  "read-only" if readonly else "read-write")
 
     # -- detach -----------------------------------------------------------------------------
-    async def detach(self, vm: str, tag: str) -> None:
+    async def detach(self, vm: str, tag: str) -> GuestMount:
+        """Unplug ``tag``; the in-guest unmount's outcome (never a reason to fail)."""
+        umounted = GuestMount(False, False, None)
         async with self.vm_lock(vm):
             try:
                 dom, active, persistent, live, inactive = await self._domain(vm)
             except NotFoundError:
                 await self._forget(vm, tag)
-                return
+                return umounted
             live_fs = filesystem_element(live, tag) if active else None
             config_fs = filesystem_element(inactive, tag) if inactive else None
             error = None
             if live_fs is not None:
-                await self._guest_umount(dom, vm, tag, live)
+                result = await self._guest_umount_result(dom, vm, tag, live)
+                if result is not None and result.attempted:
+                    umounted = GuestMount(True, result.ok, None if result.ok else result.outcome)
                 error = await self._detach_live(dom, vm, tag, live_fs)
                 if error and config_fs is not None:
                     error += " (it was removed from the persistent definition)"
@@ -256,19 +265,27 @@ class VirtiofsService(ReexportMixin):
             await self._forget(vm, tag)
             if live_fs is not None or config_fs is not None:
                 log.info("VM %s: virtiofs tag %s detached", vm, tag)
+        return umounted
 
     async def _guest_umount(self, dom: libvirt.virDomain, vm: str, tag: str,
                             live: str) -> list[str]:
         """Unmount ``tag`` in the guest before an unplug; where it was mounted."""
+        result = await self._guest_umount_result(dom, vm, tag, live)
+        return result.paths if result is not None else []
+
+    async def _guest_umount_result(self, dom: libvirt.virDomain, vm: str, tag: str,
+                                   live: str) -> GuestUnmount | None:
+        """The in-guest unmount of ``tag`` before an unplug; None without a guest agent."""
         if not has_guest_agent_channel(live):
-            return []
+            return None
         if await self._paused(dom):  # its agent cannot answer: do not wait for it
-            result = GuestUnmount([], "in-guest unmount not done: the VM is paused")
+            result = GuestUnmount([], "in-guest unmount not done: the VM is paused", ok=False,
+                                  attempted=False)
         else:
             result = await guest_umount(self._guest_agent(dom), tag,
                                         self.config.virtiofs_qga_timeout)
         log.info("VM %s: virtiofs tag %s: %s", vm, tag, result.outcome)
-        return result.paths
+        return result
 
     async def _paused(self, dom: libvirt.virDomain) -> bool:
         state, _ = await self.call(lambda conn: dom.state())
@@ -384,8 +401,11 @@ class VirtiofsService(ReexportMixin):
             retry = self._reexport_retry.get((vm_key(share.vm_uuid), share.tag))
             if retry is not None and retry.error:
                 share.problem = retry.error
+        hotplug = libvirt_version is not None and \
+            tuple(int(x) for x in libvirt_version.split(".")) >= HOTPLUG_LIBVIRT
         return {"supported": not reasons, "reason": "; ".join(reasons) or None,
-                "libvirtVersion": libvirt_version, "qemuVersion": qemu_version,
+                "libvirtVersion": libvirt_version or "unknown",
+                "virtiofsHotplugSupported": hotplug, "qemuVersion": qemu_version,
                 "virtiofsdPath": str(self.config.virtiofsd_binary),
                 "virtiofsdFound": binary is not None,
                 "shares": [s.wire() for s in shares]}

@@ -94,10 +94,11 @@ class VirtiofsShare:
     export_dir: str | None = None  # the directory virtiofsd exports; default source_dir
     readonly_in_xml: bool = True
     alias: str | None = None  # libvirt's device alias, when parsed from a live domain
+    queue: int = 1024  # virtqueue size (QEMU: a power of two, at most 1024)
 
     def element(self) -> ET.Element:
         fs = ET.Element("filesystem", {"type": "mount", "accessmode": "passthrough"})
-        sub(fs, "driver", type="virtiofs", queue="1024")
+        sub(fs, "driver", type="virtiofs", queue=str(self.queue))
         binary = sub(fs, "binary", path=self.binary)
         if self.cache != "auto":
             sub(binary, "cache", mode=self.cache)
@@ -124,7 +125,9 @@ class VirtiofsShare:
         mode = cache.get("mode") if cache is not None else None
         alias = fs.find("alias")
         source_dir = source.get("dir") or source.get("socket") or ""
+        queue = driver.get("queue") or ""
         return cls(source_dir=source_dir, tag=target.get("dir"),
+                   queue=int(queue) if queue.isdigit() else 1024,
                    binary=(binary.get("path") if binary is not None else None) or "",
                    readonly=fs.find("readonly") is not None,
                    cache=mode if mode in ("none", "always") else "auto",

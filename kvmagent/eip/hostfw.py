@@ -1,0 +1,266 @@
+"""The host's FORWARD hook: an EIP's bridged traffic passes whatever policy the host has.
+
+Why this exists
+    With br_netfilter loaded and ``bridge-nf-call-iptables=1`` (ZStack sets it for security
+    groups; docker loads the module) every IP frame bridged between two ports of a bridge
+    passes the host's IP FORWARD hook, including the frames between the public (or VM)
+    network and the EIP namespace's veths. Docker sets iptables' FORWARD policy to DROP. A
+    packet must be accepted by *every* base chain at a hook, so an accept in a table of our
+    own cannot help, and a per-bridge ``nf_call_iptables`` of 0 cannot switch the global 1
+    off (the kernel ORs them) on bridges that are ZStack's anyway. The accept has to be in
+    the chain that drops: iptables' ``filter FORWARD``, in whatever backend the host's
+    ``iptables`` command uses, the command docker and firewalld use too.
+
+What is added (per IP version, only while that version has EIPs)
+    A chain ``KVMAGENT-<PREFIX>`` jumped to from the top of ``FORWARD``, holding for each
+    EIP only the EIP's own traffic, matched by its bridge ports and addresses::
+
+        -m physdev --physdev-out <ph> -d <vip>    -j ACCEPT    public network -> EIP
+        -m physdev --physdev-in  <ph> -s <vip>    -j ACCEPT    EIP -> public network
+        -m physdev --physdev-out <vh> -s <nicIp>  -j ACCEPT    VM -> EIP namespace
+        -m physdev --physdev-in  <vh> -d <nicIp>  -j ACCEPT    EIP namespace -> VM
+        IPv6 also: ICMPv6 neighbour solicitations/advertisements into and out of <ph>/<vh>
+
+    Rules are argv lists made from validated values (no shell, no text template), run with
+    ``-w`` (the xtables lock docker takes too).
+
+Keeping them there
+    apply adds an EIP's rules (``-C`` first, so twice is one copy), delete removes them, and
+    the last delete of a version removes the jump and the chain. :meth:`HostFirewall.check`
+    (start-up, sync, and every ``interval`` seconds) compares the jump and the number of
+    rules with what they should be and rebuilds the chain when someone rewrote the firewall
+    (docker restarted, firewalld reloaded, ``iptables -F``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from dataclasses import dataclass
+
+from ..core.blocking import run_process
+from ..core.errors import AgentError
+from .naming import Names
+from .spec import EipSpec
+
+log = logging.getLogger(__name__)
+
+COMMANDS = {4: "iptables", 6: "ip6tables"}
+ND_TYPES = ("neighbour-solicitation", "neighbour-advertisement")
+
+
+def chain_name(prefix: str) -> str:
+    return f"KVMAGENT-{prefix.upper()}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One accept rule: a bridge port (in or out) and an address (source or destination),
+    or, with ``nd``, an ICMPv6 neighbour discovery type through the port."""
+
+    port: str
+    port_dir: str             # "in" | "out"
+    addr: str | None = None
+    addr_dir: str = "d"       # "s" | "d"
+    nd: str | None = None     # ICMPv6 type name (IPv6 only)
+
+    def argv(self, version: int) -> list[str]:
+        out: list[str] = []
+        if self.addr is not None:
+            out += [f"-{self.addr_dir}", f"{self.addr}/{32 if version == 4 else 128}"]
+        if self.nd is not None:
+            out += ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", self.nd]
+        out += ["-m", "physdev", f"--physdev-{self.port_dir}", self.port, "-j", "ACCEPT"]
+        return out
+
+
+def rules_for(spec: EipSpec, names: Names) -> list[Rule]:
+    ph, vh = names.pub_host, names.vm_host
+    rules = [Rule(ph, "out", spec.vip, "d"), Rule(ph, "in", spec.vip, "s"),
+             Rule(vh, "out", spec.nic_ip, "s"), Rule(vh, "in", spec.nic_ip, "d")]
+    if spec.ip_version == 6:
+        rules += [Rule(port, way, nd=nd) for port in (ph, vh) for way in ("out", "in")
+                  for nd in ND_TYPES]
+    return rules
+
+
+class HostFirewall:
+    """The accept rules of one agent's EIPs in the host's iptables/ip6tables FORWARD."""
+
+    def __init__(self, prefix: str, *, timeout: float = 15.0, enabled: bool = True,
+                 commands: dict[int, str] | None = None, netns: str | None = None):
+        """``commands``/``netns`` (tests): other iptables commands (iptables-legacy), run
+        inside another network namespace than the host's."""
+        self.chain = chain_name(prefix)
+        self.commands = dict(commands or COMMANDS)
+        self._enter = ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
+        self.timeout = timeout
+        self.enabled = enabled
+        self.wanted: dict[int, dict[str, list[Rule]]] = {4: {}, 6: {}}
+        self._lock = asyncio.Lock()
+        self._missing_logged: set[int] = set()
+        self.rebuilds = 0        # times check() found the firewall rewritten (for tests/logs)
+        # Chain and jump known to be there (set by _ensure_base, cleared when they are
+        # removed or check() finds them changed): saves two commands per apply.
+        self._base_ok: set[int] = set()
+
+    def _command(self, version: int) -> str | None:
+        cmd = shutil.which(self.commands[version])
+        if cmd is None and version not in self._missing_logged:
+            self._missing_logged.add(version)
+            log.warning("no %s command on this host: EIP traffic is not let through the "
+                        "host's FORWARD chain (nothing to let through if there is none)",
+                        self.commands[version])
+        return cmd
+
+    def _argv(self, cmd: str, *args: str) -> list[str]:
+        return [*self._enter, cmd, "-w", "10", *args]
+
+    async def _run(self, version: int, *args: str) -> bool:
+        cmd = self._command(version)
+        if cmd is None:
+            return True
+        result = await run_process(self._argv(cmd, *args), timeout=self.timeout)
+        return result.ok
+
+    async def _must(self, version: int, *args: str) -> None:
+        cmd = self._command(version)
+        if cmd is None:
+            return
+        result = await run_process(self._argv(cmd, *args), timeout=self.timeout)
+        if not result.ok:
+            raise AgentError(f"host firewall ({self.commands[version]} {' '.join(args[:2])} "
+                             f"{self.chain}): {result.describe()}")
+
+    # ----- per EIP ----------------------------------------------------------------------
+    async def add(self, spec: EipSpec, names: Names, *, fresh: bool = False) -> None:
+        """Let this EIP's traffic through (idempotent); its rules in the other IP version
+        (a re-apply that changed ipVersion) go. ``fresh``: the EIP is new to this agent, so
+        its rules are appended without looking for them first (a copy left by an agent that
+        lost its state makes the count wrong, and :meth:`check` rebuilds the chain)."""
+        if not self.enabled:
+            return
+        version = spec.ip_version
+        rules = rules_for(spec, names)
+        async with self._lock:
+            other = 6 if version == 4 else 4
+            if spec.eip_uuid in self.wanted[other]:
+                await self._remove_locked(other, spec.eip_uuid)
+            old = self.wanted[version].get(spec.eip_uuid)
+            self.wanted[version][spec.eip_uuid] = rules
+            await self._ensure_base(version)
+            for rule in old or []:
+                if rule not in rules:
+                    await self._delete_rule(version, rule)
+            for rule in rules:
+                if fresh or not await self._run(version, "-C", self.chain, *rule.argv(version)):
+                    await self._must(version, "-A", self.chain, *rule.argv(version))
+
+    async def remove(self, eip_uuid: str, spec: EipSpec | None = None,
+                     names: Names | None = None) -> None:
+        """Take this EIP's rules out; with ``spec``, also rules this agent has no memory of
+        (a record lost, rules left from before a restart)."""
+        if not self.enabled:
+            return
+        async with self._lock:
+            for version in (4, 6):
+                if spec is not None and names is not None and spec.ip_version == version:
+                    self.wanted[version].setdefault(eip_uuid, rules_for(spec, names))
+                if eip_uuid in self.wanted[version]:
+                    await self._remove_locked(version, eip_uuid)
+
+    async def _remove_locked(self, version: int, eip_uuid: str) -> None:
+        for rule in self.wanted[version].pop(eip_uuid):
+            await self._delete_rule(version, rule)
+        if not self.wanted[version]:
+            await self._drop_base(version)
+
+    async def _delete_rule(self, version: int, rule: Rule) -> None:
+        # One copy; a second one (left by a crash) makes the count wrong and check() rebuilds.
+        await self._run(version, "-D", self.chain, *rule.argv(version))
+
+    # ----- chain and jump ---------------------------------------------------------------
+    async def _ensure_base(self, version: int) -> None:
+        if version in self._base_ok:
+            return
+        if not await self._run(version, "-n", "-L", self.chain):
+            await self._must(version, "-N", self.chain)
+        if not await self._run(version, "-C", "FORWARD", "-j", self.chain):
+            await self._must(version, "-I", "FORWARD", "1", "-j", self.chain)
+        self._base_ok.add(version)
+
+    async def _drop_base(self, version: int) -> None:
+        self._base_ok.discard(version)
+        for _ in range(8):
+            if not await self._run(version, "-D", "FORWARD", "-j", self.chain):
+                break
+        if await self._run(version, "-n", "-L", self.chain):
+            await self._run(version, "-F", self.chain)
+            await self._run(version, "-X", self.chain)
+
+    # ----- keeping it there -------------------------------------------------------------
+    async def check(self, *, orphans: bool = False) -> list[int]:
+        """Rebuild what someone else removed or changed; the IP versions rebuilt. With
+        ``orphans`` (start-up, sync) the chain of a version without EIPs (left by a lost
+        state directory) is removed too."""
+        if not self.enabled:
+            return []
+        rebuilt = []
+        async with self._lock:
+            for version, eips in self.wanted.items():
+                if self._command(version) is None:
+                    continue
+                if not eips:
+                    if orphans and await self._run(version, "-n", "-L", self.chain):
+                        log.warning("removing the %s chain %s: no EIP of this agent needs "
+                                    "it", self.commands[version], self.chain)
+                        await self._drop_base(version)
+                    continue
+                if await self._intact(version, eips):
+                    continue
+                self._base_ok.discard(version)
+                log.warning("EIP rules in the host's %s FORWARD chain were changed by someone "
+                            "else (docker restarted? firewall reloaded?); putting them back",
+                            self.commands[version])
+                await self._rebuild(version, eips)
+                rebuilt.append(version)
+                self.rebuilds += 1
+        return rebuilt
+
+    async def _intact(self, version: int, eips: dict[str, list[Rule]]) -> bool:
+        if not await self._run(version, "-C", "FORWARD", "-j", self.chain):
+            return False
+        cmd = self._command(version)
+        assert cmd is not None
+        listed = await run_process(self._argv(cmd, "-S", self.chain), timeout=self.timeout)
+        if not listed.ok:
+            return False
+        # "-S" prints the "-N" line and one "-A" line per rule: compare the counts only.
+        count = sum(1 for line in listed.stdout.decode().splitlines() if line.startswith("-A "))
+        return count == sum(len(rules) for rules in eips.values())
+
+    async def _rebuild(self, version: int, eips: dict[str, list[Rule]]) -> None:
+        await self._ensure_base(version)
+        await self._must(version, "-F", self.chain)
+        for rules in eips.values():
+            for rule in rules:
+                await self._must(version, "-A", self.chain, *rule.argv(version))
+
+    async def watch(self, interval: float) -> None:
+        """Run :meth:`check` every ``interval`` seconds, forever (a background task)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check()
+            except Exception:   # logged, tried again next round
+                log.exception("checking the EIP rules in the host firewall failed")
+
+    async def clear(self) -> None:
+        """Remove the chain and its jumps whatever they hold (start-up: the records decide
+        what comes back)."""
+        if not self.enabled:
+            return
+        async with self._lock:
+            for version in (4, 6):
+                if self._command(version) is not None:
+                    await self._drop_base(version)
