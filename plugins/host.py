@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-from pathlib import Path
 
 import libvirt
 import psutil
@@ -21,7 +20,7 @@ from kvmagent.core.errors import AgentError
 from kvmagent.core.models import AgentRequest, AgentResponse, EmptyRequest, WireModel
 from kvmagent.core.blocking import run_process
 from kvmagent.core.plugin import ASYNC, SYNC, Plugin
-from kvmagent.host import facts, iptables
+from kvmagent.host import facts, iptables, kvm_params
 from kvmagent.host.hugepages import PAGE_SIZES_KB, HugePages
 from kvmagent.host.liveness import mn_host, write_counter
 
@@ -167,45 +166,6 @@ async def libvirt_versions(ctx: AgentContext) -> tuple[str | None, str | None]:
 
 
 # -- connect -----------------------------------------------------------------------------------
-def _kvm_param(ctx: AgentContext, module: str, name: str) -> Path:
-    return ctx.config.sysfs_root / "module" / module / "parameters" / name
-
-
-def _check_ept(ctx: AgentContext, disabled: bool) -> None:
-    """The MN asks EPT off when the host has no ``eptFlag`` or is tagged so. Reloading
-    kvm_intel (what ZU does) needs every VM stopped; this agent never reloads kernel modules,
-    it refuses a mismatch so the operator can act (README)."""
-    path = _kvm_param(ctx, "kvm_intel", "ept")
-    try:
-        current = path.read_text().strip().upper() in ("Y", "1")
-    except OSError:
-        return  # no kvm_intel (AMD, TCG): nothing to do, as in ZU
-    if current == (not disabled):
-        return
-    want = "disabled" if disabled else "enabled"
-    raise AgentError(
-        f"pageTableExtensionDisabled: the MN wants EPT {want} but kvm_intel has ept="
-        f"{'Y' if current else 'N'}; this agent does not reload kernel modules: set "
-        f"'options kvm_intel ept={0 if disabled else 1}' in /etc/modprobe.d and reload kvm_intel "
-        "with no VM running (or change the host's pageTableExtensionDisabled tag)")
-
-
-def _set_ignore_msrs(ctx: AgentContext, on: bool) -> None:
-    path = _kvm_param(ctx, "kvm", "ignore_msrs")
-    try:
-        current = path.read_text().strip().upper() in ("Y", "1")
-    except OSError:
-        log.info("ignoreMsrs: %s not present (kvm not loaded); nothing to set", path)
-        return
-    if current != on:
-        try:
-            path.write_text("Y\n" if on else "N\n")
-        except OSError as exc:
-            raise AgentError(f"ignoreMsrs: cannot set {path} to {'Y' if on else 'N'}: "
-                             f"{exc.strerror}") from None
-        log.info("ignoreMsrs: %s set to %s", path, "Y" if on else "N")
-
-
 def _start_liveness(ctx: AgentContext, url: str | None, port: int) -> None:
     old = ctx.services.pop(LIVENESS, None)
     if old:
@@ -219,10 +179,11 @@ def _start_liveness(ctx: AgentContext, url: str | None, port: int) -> None:
 async def connect(ctx: AgentContext, req: ConnectCmd) -> ConnectRsp:
     """Bind this agent to a host uuid, learn the MN's report URL and version (persisted)."""
     iptables.plan(req.iptables_rules)  # refuse a bad rule before anything changes
-    await ctx.runner.run(_check_ept, ctx, req.page_table_extension_disabled,
+    sysfs = ctx.config.sysfs_root
+    await ctx.runner.run(kvm_params.check_ept, sysfs, req.page_table_extension_disabled,
                          timeout=SYSFS_TIMEOUT, what="kvm_intel ept check")
-    await ctx.runner.run(_set_ignore_msrs, ctx, req.ignore_msrs, timeout=SYSFS_TIMEOUT,
-                         what="kvm ignore_msrs")
+    await ctx.runner.run(kvm_params.set_ignore_msrs, sysfs, req.ignore_msrs,
+                         timeout=SYSFS_TIMEOUT, what="kvm ignore_msrs")
     if req.iptables_rules:
         await iptables.apply(ctx.config.iptables_command, req.iptables_rules)
     previous = ctx.identity.host_uuid
@@ -314,24 +275,11 @@ async def fact(ctx: AgentContext, req: EmptyRequest) -> FactRsp:
         libvirt_available=libvirt_version is not None)
 
 
-def running_usage(conn: libvirt.virConnect) -> tuple[int, int]:
-    """(vCPUs, current memory bytes) summed over active domains (running or paused)."""
-    vcpus = memory = 0
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        try:
-            _, _, mem_kib, nr_vcpu, _ = dom.info()
-        except libvirt.libvirtError:
-            continue  # stopped meanwhile
-        vcpus += nr_vcpu
-        memory += mem_kib * 1024
-    return vcpus, memory
-
-
 @plugin.command("/host/capacity", mode=ASYNC)
 async def capacity(ctx: AgentContext, req: EmptyRequest) -> CapacityRsp:
     """CPU and memory capacity (HostCapacityResponse); used = what the VMs on this host hold."""
     try:
-        used_cpu, used_memory = await ctx.libvirt.call(running_usage)
+        used_cpu, used_memory = await ctx.libvirt.call(facts.vm_usage)
     except libvirt.libvirtError as exc:
         raise AgentError(f"libvirt: cannot count the running VMs: {exc}") from None
     total, _ = facts.memory()
@@ -351,16 +299,6 @@ def _page_label(page_size_mib: int) -> str:
                      f"(2 or 1024)")
 
 
-def _enable(pages: HugePages, label: str, reserve: int) -> None:
-    """Turn every byte but ``reserve`` into ``label`` pages (ZU's formula), counting pages in
-    use; grows by the shortfall or fails leaving the pool as it was."""
-    total = psutil.virtual_memory().total
-    page = PAGE_SIZES_KB[label] * 1024
-    target = (total - reserve) // page
-    state = pages.read(label)
-    pages.ensure(label, max(target - state.in_use, 0))
-
-
 async def _reapply_hugepages(ctx: AgentContext, page_size: int, reserve: int) -> None:
     try:
         await _apply_enable(ctx, page_size, reserve)
@@ -371,7 +309,7 @@ async def _reapply_hugepages(ctx: AgentContext, page_size: int, reserve: int) ->
 async def _apply_enable(ctx: AgentContext, page_size: int, reserve: int) -> None:
     label = _page_label(page_size)
     async with ctx.locks.hold("hugepages", label):
-        await ctx.runner.run(_enable, ctx.services[HUGEPAGES], label, reserve,
+        await ctx.runner.run(ctx.services[HUGEPAGES].fill_memory_but, label, reserve,
                              timeout=HUGEPAGE_TIMEOUT, what="hugepages enable")
 
 
@@ -388,10 +326,6 @@ async def enable_hugepage(ctx: AgentContext, req: EnableHugePageCmd) -> HugePage
     return HugePageRsp(pools=ctx.services[HUGEPAGES].summary())
 
 
-def _release_all(pages: HugePages, label: str) -> None:
-    pages.release(label, pages.read(label).available)
-
-
 @plugin.command("/host/disable/hugepage", mode=ASYNC)
 async def disable_hugepage(ctx: AgentContext, req: EmptyRequest) -> HugePageRsp:
     """Give every free hugepage back (pages in use by VMs stay until those VMs stop)."""
@@ -400,7 +334,7 @@ async def disable_hugepage(ctx: AgentContext, req: EmptyRequest) -> HugePageRsp:
     for label in await ctx.runner.run(pages.supported_sizes, timeout=SYSFS_TIMEOUT,
                                       what="hugepage sizes"):
         async with ctx.locks.hold("hugepages", label):
-            await ctx.runner.run(_release_all, pages, label, timeout=HUGEPAGE_TIMEOUT,
+            await ctx.runner.run(pages.release_free, label, timeout=HUGEPAGE_TIMEOUT,
                                  what="hugepages disable")
     return HugePageRsp(pools=pages.summary())
 

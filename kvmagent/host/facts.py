@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import libvirt
 import psutil
 
 _GHZ_IN_MODEL = re.compile(r"([0-9.]+)\s*GHz")
@@ -236,3 +237,16 @@ def capabilities_facts(caps_xml: str) -> tuple[str | None, list[str]]:
         if feats is not None:
             features |= {child.tag for child in feats}
     return model, [name for name in ZSTACK_LIBVIRT_FEATURES if name in features]
+
+
+def vm_usage(conn: libvirt.virConnect) -> tuple[int, int]:
+    """(vCPUs, current memory bytes) summed over active domains (running or paused)."""
+    vcpus = memory = 0
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            _, _, mem_kib, nr_vcpu, _ = dom.info()
+        except libvirt.libvirtError:
+            continue  # stopped meanwhile
+        vcpus += nr_vcpu
+        memory += mem_kib * 1024
+    return vcpus, memory
