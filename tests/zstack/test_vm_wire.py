@@ -274,6 +274,25 @@ async def test_uefi_boot_mode(zs_agent, mn, lv, guest_image, nfs_ps, machine, se
     assert not Path(nvram.text).exists(), "the VM's NVRAM must not outlive it"
 
 
+async def test_the_mns_body_alone_starts_a_vm(zs_agent, mn, lv, nfs_ps):
+    """No extension at all: the firmware boots from the (empty) root disk per bootDev with
+    the boot menu; QEMU runs, so the MN sees Running, then stops it."""
+    vm = uuidlib.uuid4().hex
+    body = start_vm_cmd(vm, 10, ps_volume(nfs_ps), None, "fa:62:4a:61:6c:04")
+    lv[1].append(vm)
+    started = await mn_async(zs_agent, mn, "/vm/start", body, timeout=120)
+    assert started["success"] is True, started
+    os_ = ET.fromstring(lv[0].lookupByUUIDString(vm).XMLDesc(0)).find("os")
+    assert [b.get("dev") for b in os_.findall("boot")] == ["hd"]
+    assert os_.find("bootmenu").attrib == {"enable": "yes", "timeout": "3000"}
+    check = await mn_async(zs_agent, mn, "/vm/checkstate", {"vmUuids": [vm], "hostUuid": HOST})
+    assert check["states"] == {vm: "Running"}
+    stop = {"uuid": vm, "type": "cold", "timeout": 120, "vmNics": [], "kvmHostAddons": {}}
+    assert (await mn_async(zs_agent, mn, "/vm/stop", stop))["success"]
+    check = await mn_async(zs_agent, mn, "/vm/checkstate", {"vmUuids": [vm], "hostUuid": HOST})
+    assert check["states"] == {vm: "Shutdown"}
+
+
 async def test_destroy_as_gc_sends_it_for_a_vm_that_is_gone(zs_agent, mn):
     """KVMHost.directlyDestroy: only {uuid, kvmHostAddons}; a missing VM is destroyed."""
     body = {"uuid": uuidlib.uuid4().hex, "kvmHostAddons": {}}
