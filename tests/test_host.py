@@ -146,3 +146,55 @@ def test_iptables_rules_that_do_not_add_are_refused(rule):
 
     with pytest.raises(AgentError, match=r"iptablesRules\.0"):
         plan([rule])
+
+
+def test_dmi_and_smbios_facts_from_a_sysfs_tree(tmp_path):
+    """This CI machine has no DMI table (a VM without SMBIOS): the parsing is shown on a tree
+    laid out as the kernel does (/sys/class/dmi/id, /sys/firmware/dmi/entries/<type>-<n>/raw)."""
+    from kvmagent.host.facts import dmi_facts
+
+    dmi = tmp_path / "class/dmi/id"
+    dmi.mkdir(parents=True)
+    for name, value in {"product_name": "PowerEdge R740", "product_serial": "9XK2T33",
+                        "sys_vendor": "Dell Inc.", "product_uuid": "4c4c4544-0058-4b10-8032-b9c04f543333",
+                        "bios_vendor": "Dell Inc.", "bios_version": "2.12.2",
+                        "bios_date": "07/09/2021"}.items():
+        (dmi / name).write_text(value + "\n")
+    entries = tmp_path / "firmware/dmi/entries"
+    for i in range(24):  # 24 memory devices (type 17)
+        (entries / f"17-{i}").mkdir(parents=True)
+    psu = entries / "39-0"
+    psu.mkdir(parents=True)
+    # SMBIOS type 39: header (type, length 0x16, handle), group, strings #1..#7, max power 750 W.
+    area = bytes([39, 0x16, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7]) + (750).to_bytes(2, "little") + bytes(8)
+    strings = b"PSU1\0PWR SPLY,750W,RDNT,DELTA\0DELL\0CN1797\0ASSET\005RHVVA00\0A00\0\0"
+    (psu / "raw").write_bytes(area + strings)
+    facts = dmi_facts(tmp_path)
+    assert facts == {
+        "system_product_name": "PowerEdge R740", "system_serial_number": "9XK2T33",
+        "system_manufacturer": "Dell Inc.", "system_uuid": "4c4c4544-0058-4b10-8032-b9c04f543333",
+        "bios_vendor": "Dell Inc.", "bios_version": "2.12.2", "bios_release_date": "07/09/2021",
+        "memory_slots_maximum": "24", "power_supply_model_name": "PWR SPLY,750W,RDNT,DELTA",
+        "power_supply_manufacturer": "DELL", "power_supply_max_power_capacity": "750"}
+
+
+def test_no_dmi_means_null_facts_the_mn_skips(tmp_path):
+    from kvmagent.host.facts import dmi_facts
+
+    assert set(dmi_facts(tmp_path).values()) == {None}
+
+
+def test_cpu_cache_totals_from_sysfs(tmp_path):
+    """Two cores, private L1d/L1i/L2, one shared L3: what lscpu shows as totals."""
+    from kvmagent.host.facts import cpu_cache_kib
+
+    for cpu in (0, 1):
+        for index, (level, kind, size, shared) in enumerate([
+                (1, "Data", "32K", str(cpu)), (1, "Instruction", "32K", str(cpu)),
+                (2, "Unified", "512K", str(cpu)), (3, "Unified", "16384K", "0-1")]):
+            d = tmp_path / f"devices/system/cpu/cpu{cpu}/cache/index{index}"
+            d.mkdir(parents=True)
+            for name, value in (("level", level), ("type", kind), ("size", size),
+                                ("shared_cpu_list", shared)):
+                (d / name).write_text(f"{value}\n")
+    assert cpu_cache_kib(tmp_path) == "128.0,1024.0,16384.0"
