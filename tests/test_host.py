@@ -167,7 +167,8 @@ def test_dmi_and_smbios_facts_from_a_sysfs_tree(tmp_path):
     psu.mkdir(parents=True)
     # SMBIOS type 39: header (type, length 0x16, handle), group, strings #1..#7, max power 750 W.
     area = bytes([39, 0x16, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7]) + (750).to_bytes(2, "little") + bytes(8)
-    strings = b"PSU1\0PWR SPLY,750W,RDNT,DELTA\0DELL\0CN1797\0ASSET\005RHVVA00\0A00\0\0"
+    strings = b"\0".join([b"PSU1", b"PWR SPLY,750W,RDNT,DELTA", b"DELL", b"CN1797", b"ASSET",
+                          b"05RHVVA00", b"A00"]) + b"\0\0"
     (psu / "raw").write_bytes(area + strings)
     facts = dmi_facts(tmp_path)
     assert facts == {
