@@ -37,9 +37,11 @@ async def _stop(ctx: AgentContext) -> None:
 
 class VolumeTO(WireModel):
     """ZS VolumeTO.java. ``deviceType`` comes first: the path's shape depends on it."""
-    device_type: str = Field("file", max_length=64, description="file; other types are refused")
+    device_type: str = Field("file", max_length=64,
+                             description="file or block; other types are refused")
     install_path: str = Field(min_length=1, max_length=4096)
-    format: Literal["qcow2", "raw"] | None = "qcow2"
+    format: Literal["qcow2", "raw"] | None = Field(None, description="default: qcow2 for file, "
+                                                   "raw for block")
     device_id: int = Field(0, ge=0, le=1024)
     volume_uuid: Uuid | None = None
     resource_uuid: Uuid | None = None

@@ -184,6 +184,9 @@ class PathsAsGiven:
     def check_path(self, path, what, must_exist=True):
         return path
 
+    def check_block(self, path, what):
+        return path
+
     def check_bridge(self, bridge):
         pass
 
@@ -256,3 +259,12 @@ def test_what_this_agent_cannot_build_fails_clearly(fields, message):
 
     with pytest.raises(AgentError, match=message.replace("(", r"\(").replace(")", r"\)")):
         rendered(**fields)
+
+
+def test_block_volumes_by_wwn_as_zu_names_them():
+    root = rendered(dataVolumes=[{"deviceType": "block", "installPath": "block://0x5000C500A1B2C3D4",
+                                  "deviceId": 1}])
+    disk = root.find("devices/disk[@type='block']")
+    assert disk.find("source").get("dev") == "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"
+    assert disk.find("driver").get("type") == "raw"
+    assert root.find("devices/disk[@type='file']/driver").get("type") == "qcow2"

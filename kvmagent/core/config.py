@@ -56,6 +56,10 @@ class AgentConfig(BaseModel):
          Path("/opt"), Path("/zstack_ps"), Path("/mnt"), Path("/srv"), Path("/data")],
         description="volumes, ISOs, kernels, console logs and guest-agent sockets of VMs must "
         "resolve inside these (add the URL of each local or shared-mount-point primary storage)")
+    vm_block_roots: list[Path] = Field(
+        [Path("/dev/disk/by-id"), Path("/dev/disk/by-path"), Path("/dev/mapper")],
+        description="volumes of deviceType block must be named inside these (the name, not its "
+        "target: by-id links point at /dev/sdX) and be block devices not mounted on the host")
     vm_console_log_dir: Path = Field(
         Path("/var/log/kvmagent/console"),
         description="consoleLogToFile: <dir>/<vmUuid>-vm-kernel.log (written by virtlogd)")

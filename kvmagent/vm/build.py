@@ -11,6 +11,7 @@ KVMHost.java (startVm); ZU kvmagent/plugins/vm_plugin.py (start_vm) for the XML 
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -30,7 +31,9 @@ from .config import (
 
 # Volume types this agent can attach (VolumeTO.deviceType); the MN also sends iscsi, ceph,
 # sharedblock, scsilun, block, mini, quorum, vhost, cbd for other primary storages.
-SUPPORTED_VOLUME_TYPES = ("file",)
+SUPPORTED_VOLUME_TYPES = ("file", "block")
+BLOCK_BY_WWN = "/dev/disk/by-id/wwn-0x"  # ZU: block://<wwn> names this link
+_WWN = re.compile(r"^[0-9a-fA-F]{1,64}$")
 MAX_VCPUS_WITH_NUMA = 128  # ZU's default when useNuma comes without maxVcpuNum
 MAX_IDE_DRIVES = 4  # two IDE buses, master and slave
 
@@ -86,16 +89,38 @@ def _volume(svc: Any, vol: Any, what: str, letters: _Letters) -> Disk:
     if vol.device_type not in SUPPORTED_VOLUME_TYPES:
         raise AgentError(f"{what}: volume type {vol.device_type!r} is not supported by this agent "
                          f"(supported: {', '.join(SUPPORTED_VOLUME_TYPES)})")
-    path = svc.check_path(vol.install_path, f"{what}.installPath")
+    if vol.device_type == "block":
+        path = svc.check_block(block_path(vol.install_path, f"{what}.installPath"),
+                               f"{what}.installPath")
+    else:
+        path = svc.check_path(vol.install_path, f"{what}.installPath")
     if vol.use_virtio_scsi:
         bus, prefix = "scsi", "sd"
     elif vol.use_virtio:
         bus, prefix = "virtio", "vd"
     else:
         bus, prefix = "sata", "sd"
-    return Disk(path, letters.next(prefix), vol.format or "qcow2", bus=bus,
+    default_format = "raw" if vol.device_type == "block" else "qcow2"
+    return Disk(path, letters.next(prefix), vol.format or default_format, bus=bus,
                 cache=vol.cache_mode, io_native=vol.aio_native, shareable=vol.shareable,
-                serial=vol.volume_uuid or vol.resource_uuid, wwn=vol.wwn)
+                serial=vol.volume_uuid or vol.resource_uuid, wwn=vol.wwn,
+                block=vol.device_type == "block")
+
+
+def block_path(install_path: str, what: str) -> str:
+    """``block://<wwn>`` (ZU's form) -> its /dev/disk/by-id link; an absolute path as it is."""
+    if install_path.startswith("block://"):
+        wwn = install_path[len("block://"):]
+        if wwn.lower().startswith("0x"):
+            wwn = wwn[2:]
+        if not _WWN.match(wwn):
+            raise AgentError(f"{what}: {install_path!r} is not block://<wwn in hex>")
+        return BLOCK_BY_WWN + wwn.lower()
+    try:
+        return _ABS_PATH.validate_python(install_path)
+    except ValidationError:
+        raise AgentError(f"{what}: {install_path!r} is neither block://<wwn> nor an absolute, "
+                         "normalized device path") from None
 
 
 def _cdrom(svc: Any, cd: Any, what: str, bus: str, letters: _Letters) -> Disk:

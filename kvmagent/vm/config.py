@@ -33,12 +33,15 @@ class Disk:
     shareable: bool = False
     serial: str | None = None  # the volume uuid: how the guest (and the MN) tells disks apart
     wwn: str | None = None
+    block: bool = False  # a block device (deviceType block), else a file
 
     def render(self, devices: ET.Element) -> None:
-        disk = sub(devices, "disk", type="file", device=self.device)
+        disk = sub(devices, "disk", type="block" if self.block else "file", device=self.device)
         io = "native" if self.io_native and self.cache in ("none", "directsync") else None
         sub(disk, "driver", name="qemu", type=self.format, cache=self.cache, io=io)
-        if self.path:  # an empty CD-ROM drive has no source
+        if self.path and self.block:
+            sub(disk, "source", dev=self.path)
+        elif self.path:  # an empty CD-ROM drive has no source
             sub(disk, "source", file=self.path)
         sub(disk, "target", dev=self.target, bus=self.bus)
         if self.serial:

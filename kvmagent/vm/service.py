@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import libvirt
+import psutil
 
 from ..core.context import AgentContext
 from ..core.errors import AgentError, NotFoundError
@@ -145,6 +147,26 @@ class VmService:
         if must_exist and not real.exists():
             raise AgentError(f"{what}: {path} does not exist")
         return str(real)
+
+    def check_block(self, path: str, what: str) -> str:
+        """A block volume: named inside vm_block_roots, a block device, not mounted here."""
+        if not any(Path(path) == root or Path(root) in Path(path).parents
+                   for root in self.config.vm_block_roots):
+            allowed = ", ".join(str(r) for r in self.config.vm_block_roots)
+            raise AgentError(f"{what}: {path} is outside the block device roots ({allowed}); "
+                             "add its directory to vm_block_roots in the agent's configuration")
+        real = os.path.realpath(path)
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as exc:
+            raise AgentError(f"{what}: {path}: {exc.strerror}") from None
+        if not stat.S_ISBLK(mode):
+            raise AgentError(f"{what}: {path} ({real}) is not a block device")
+        for part in psutil.disk_partitions(all=True):
+            if part.device.startswith("/") and os.path.realpath(part.device) == real:
+                raise AgentError(f"{what}: {path} ({real}) is mounted on this host at "
+                                 f"{part.mountpoint}; refusing to give it to a VM")
+        return path
 
     def check_bridge(self, bridge: str) -> None:
         if not (Path(self.config.sysfs_root) / "class/net" / bridge / "bridge").is_dir():

@@ -19,7 +19,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from ..guest.build import BOOT_MARKER
-from ..vmkit import Console
+from ..vmkit import Console, TinyVm, guest_run, wait_guest_agent
 from .wire import mn_async
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
@@ -293,6 +293,72 @@ async def test_the_mns_body_alone_starts_a_vm(zs_agent, mn, lv, nfs_ps):
     assert check["states"] == {vm: "Shutdown"}
 
 
+@pytest.fixture
+def loop_device(tmp_path):
+    """A real block device (a loop device over an 8 MiB file) and a stable name for it in a
+    directory of its own, as /dev/disk/by-id links are on a real host (udev makes those)."""
+    backing = tmp_path / "lun.img"
+    with open(backing, "wb") as fh:
+        fh.truncate(8 * 2**20)
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    links = Path(tempfile.mkdtemp(prefix="kvmagent-by-id-"))
+    os.chmod(links, 0o755)  # QEMU (user libvirt-qemu) follows the link
+    (links / "wwn-0x5000c500a1b2c3d4").symlink_to(dev)
+    yield links, links / "wwn-0x5000c500a1b2c3d4"
+    subprocess.run(["losetup", "-d", dev], check=False)
+    shutil.rmtree(links, ignore_errors=True)
+
+
+async def test_a_block_data_volume_reaches_the_guest(make_agent, mn, lv, guest_image, nfs_ps,
+                                                     loop_device, tmp_path):
+    """VolumeTO deviceType "block": the LUN is given to QEMU as a block device; the guest
+    sees it as its second virtio disk, 8 MiB (16384 sectors), read through the guest agent."""
+    links, link = loop_device
+    agent = await make_agent(vm_block_roots=[links], vm_console_log_dir=tmp_path / "console")
+    vm = uuidlib.uuid4().hex
+    body = start_vm_cmd(vm, 11, ps_volume(nfs_ps), None, "fa:62:4a:61:6c:05")
+    for name in ("kernel", "initrd"):
+        shutil.copy(getattr(guest_image, name), nfs_ps / name)
+    body["bootKernel"] = {"kernel": str(nfs_ps / "kernel"), "initrd": str(nfs_ps / "initrd"),
+                          "cmdline": "console=ttyS0"}
+    data = uuidlib.uuid4().hex
+    body["dataVolumes"] = [{"installPath": str(link), "deviceId": 1, "deviceType": "block",
+                            "volumeUuid": data, "useVirtio": True, "useVirtioSCSI": False,
+                            "shareable": False, "cacheMode": "none", "aioNative": True,
+                            "bootOrder": 0, "physicalBlockSize": 0, "type": "Data",
+                            "format": "raw", "ioThreadId": 0, "controllerIndex": 0,
+                            "resourceUuid": data}]
+    lv[1].append(vm)
+    started = await mn_async(agent, mn, "/vm/start", body, timeout=120)
+    assert started["success"] is True, started
+    console = Console(tmp_path / "console" / f"{vm}-vm-kernel.log")
+    dom = lv[0].lookupByUUIDString(vm)
+    disk = ET.fromstring(dom.XMLDesc(0)).find("devices/disk[@type='block']")
+    assert disk.find("source").get("dev") == str(link) and disk.find("serial").text == data
+    await wait_guest_agent(TinyVm(vm, console, link, started), dom)
+    assert await guest_run(dom, "cat", "/sys/block/vdb/size") == (0, "16384\n")
+    assert (await mn_async(agent, mn, "/vm/destroy", {"uuid": vm}))["success"]
+
+
+async def test_a_block_volume_that_is_not_a_block_device_is_refused(make_agent, mn, lv, nfs_ps,
+                                                                    tmp_path):
+    links = tmp_path / "by-id"
+    links.mkdir()
+    (links / "wwn-0x1").symlink_to("/etc/hostname")
+    agent = await make_agent(vm_block_roots=[links])
+    vm = uuidlib.uuid4().hex
+    body = start_vm_cmd(vm, 12, ps_volume(nfs_ps), None, "fa:62:4a:61:6c:06")
+    body["dataVolumes"] = [{"installPath": str(links / "wwn-0x1"), "deviceType": "block",
+                            "deviceId": 1}]
+    reply = await mn_async(agent, mn, "/vm/start", body)
+    assert reply["success"] is False and "is not a block device" in reply["error"], reply
+    body["dataVolumes"][0]["installPath"] = "block://5000c500a1b2c3d4"  # default by-id dir
+    reply = await mn_async(agent, mn, "/vm/start", body)
+    assert reply["success"] is False and "vm_block_roots" in reply["error"], reply
+    assert vm not in [d.name() for d in lv[0].listAllDomains()]
+
+
 async def test_destroy_as_gc_sends_it_for_a_vm_that_is_gone(zs_agent, mn):
     """KVMHost.directlyDestroy: only {uuid, kvmHostAddons}; a missing VM is destroyed."""
     body = {"uuid": uuidlib.uuid4().hex, "kvmHostAddons": {}}
@@ -313,7 +379,7 @@ async def test_a_volume_type_we_do_not_serve_fails_clearly(zs_agent, mn, lv, nfs
     reply = await mn_async(zs_agent, mn, "/vm/start", body)
     assert reply == {"success": False,
                      "error": f"rootVolume: volume type '{device_type}' is not supported by this "
-                              "agent (supported: file)"}
+                              "agent (supported: file, block)"}
     assert vm not in [d.name() for d in lv[0].listAllDomains()]
 
 
