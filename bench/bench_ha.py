@@ -1,5 +1,6 @@
 """HA: time from a storage hang (SIGSTOP of the JuiceFS daemon) to the Disconnected report,
-against the documented bound, and /host/ping latency while the storage hangs. The baseline for
+against the documented bound, /host/ping latency while the storage hangs, and how long 8
+concurrent replacements of one fencer take to answer with the storage hung vs healthy. The baseline for
 ping is the same agent with every storage healthy, measured in the same run."""
 from __future__ import annotations
 
@@ -37,6 +38,26 @@ async def ping_latencies(client: TestClient, seconds: float) -> list[float]:
         await resp.read()
         latencies.append(time.perf_counter() - t0)
         await asyncio.sleep(0.02)
+    return latencies
+
+
+async def replace_latencies(client: TestClient, path: str, rounds: int = 10) -> list[float]:
+    """Seconds each of 8 concurrent setups takes to answer, each replacing the fencer of one
+    storage with another interval (issue 14: this hung for ever on a stalled loop)."""
+    ps = f"ps-{uuid.uuid4().hex[:8]}"
+    base = {"hostUuid": HOST, "maxAttempts": 1000, "storageCheckerTimeout": 0.5,
+            "strategy": "Permissive", "uuids": [ps], "mountPaths": [path]}
+    latencies: list[float] = []
+
+    async def one(interval: float) -> None:
+        t0 = time.perf_counter()
+        resp = await client.post("/ha/selffencer/setup", json={**base, "interval": interval})
+        await resp.read()
+        latencies.append(time.perf_counter() - t0)
+
+    for r in range(rounds):
+        await asyncio.gather(*(one(round(0.2 + 0.05 * i + 0.001 * r, 3)) for i in range(8)))
+    await client.post("/ha/selffencer/cancel", json={"psUuids": [ps]})
     return latencies
 
 
@@ -82,6 +103,17 @@ async def measure() -> dict[str, object]:
             figures[f"detect {label}: measured s"] = detected
             figures[f"detect {label}: documented bound s"] = f"{best:.1f}-{worst:.1f}"
             figures[f"detect {label}: within bound"] = best - 0.5 <= detected <= worst + 0.5
+        volume = MountedVolume().mount()
+        try:
+            calm = await replace_latencies(client, str(volume.mountpoint))
+            volume.hang()
+            stalled = await replace_latencies(client, str(volume.mountpoint))
+        finally:
+            volume.cleanup()
+        calm_p, stalled_p = percentiles(calm), percentiles(stalled)
+        figures["replace p99 ms, healthy storage (baseline)"] = calm_p["p99_ms"]
+        figures["replace p99 ms, hung storage"] = stalled_p["p99_ms"]
+        figures["replace p99 hung/healthy ratio"] = stalled_p["p99_ms"] / calm_p["p99_ms"]
     finally:
         await client.close()
         await mn.close()

@@ -229,6 +229,7 @@ class VmSyncRsp(VmStatesRsp):
 
 
 class UpdateHaCmd(AgentRequest):
+    host_uuid: str | None = None
     vm_instance_uuid: Uuid
     enable_ha: bool
 
@@ -326,14 +327,23 @@ async def vm_sync(ctx: AgentContext, cmd: EmptyRequest) -> VmSyncRsp:
     return VmSyncRsp(states=states, vm_in_shutdowns=shutting_down)
 
 
+def refuse_other_host(ctx: AgentContext, host_uuid: str | None) -> None:
+    """An enableHa command naming another host changes nothing here."""
+    if host_uuid and ctx.identity.host_uuid and host_uuid != ctx.identity.host_uuid:
+        raise AgentError(f"hostUuid {host_uuid} is not this host ({ctx.identity.host_uuid}); "
+                         "nothing changed")
+
+
 @plugin.command("/host/vm/updateEnableHa/live", mode=ASYNC)
 async def update_ha(ctx: AgentContext, cmd: UpdateHaCmd) -> UpdateHaRsp:
     """Set one running VM's HA flag (kept in its libvirt metadata)."""
+    refuse_other_host(ctx, cmd.host_uuid)
     await service(ctx).set_ha(cmd.vm_instance_uuid, cmd.enable_ha)
     return UpdateHaRsp(vm_instance_uuid=cmd.vm_instance_uuid, enable_ha=cmd.enable_ha)
 
 
 class ListHaCmd(AgentRequest):
+    host_uuid: str | None = None
     vm_uuids: list[Uuid] | None = Field(None, max_length=100000, description="None: every VM")
 
 
@@ -344,6 +354,7 @@ class ListHaRsp(AgentResponse):
 @plugin.command("/host/vm/enableHa/list", mode=SYNC)
 async def list_ha(ctx: AgentContext, cmd: ListHaCmd) -> ListHaRsp:
     """Extension: the HA flag of every VM on the host (or the listed ones), from libvirt metadata."""
+    refuse_other_host(ctx, cmd.host_uuid)
     flags = await service(ctx).ha_flags()
     if cmd.vm_uuids is not None:
         flags = {u: flags[u] for u in cmd.vm_uuids if u in flags}
@@ -353,5 +364,6 @@ async def list_ha(ctx: AgentContext, cmd: ListHaCmd) -> ListHaRsp:
 @plugin.command("/host/vm/reconcileEnableHa/live", mode=ASYNC)
 async def reconcile_ha(ctx: AgentContext, cmd: ReconcileHaCmd) -> ReconcileHaRsp:
     """The listed VMs become HA-enabled, every other VM on the host disabled."""
+    refuse_other_host(ctx, cmd.host_uuid)  # a misrouted whole truth would turn HA off here
     enabled, disabled, missing = await service(ctx).reconcile_ha(set(cmd.ha_enabled_vm_uuids))
     return ReconcileHaRsp(enabled=enabled, disabled=disabled, missing=missing)

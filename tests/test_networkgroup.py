@@ -8,6 +8,7 @@ import uuid as uuidlib
 import pytest
 
 from kvmagent.core.plugin import discover_plugins
+from kvmagent.ha import netgroup
 
 from .scale import TEST_URI, clear, populate
 
@@ -135,3 +136,40 @@ async def test_vm_groups_naming_an_unknown_group_changes_nothing(group_agent, mn
     reply = await agent.call_async(mn, "/ha/networkgroup/setup", body)
     assert reply["success"] is False and "no-such-group" in reply["error"]
     assert (await agent.call("/ha/networkgroup/status"))["networkGroupStatus"] == {}
+
+
+def zstack_rules(vms: list[str]) -> dict:
+    """ZStack's per-VM rule shape (ZU HA-network-group test, 2026): a VM fails when the weight
+    of its group's healthy resources is below minScore."""
+    group = {"rules": [{"resource": "bond0a", "weight": 1}, {"resource": "bond1a", "weight": 1}],
+             "minScore": 2}
+    return {"hostUuid": "h1", "vmRules": {vm: {"groups": {"zs-group": group}} for vm in vms[:2]}}
+
+
+async def test_zstack_rule_shape_damped_flaps_and_repeated_failures(
+        group_agent, mn, netns, vms, monkeypatch):
+    monkeypatch.setattr(netgroup, "REPEAT", 1.0)
+    agent = await group_agent()
+    await agent.call_async(mn, "/host/vm/reconcileEnableHa/live",
+                           {"hostUuid": "h1", "haEnabledVmUuids": [vms[0]]})
+    assert (await agent.call_async(mn, "/ha/networkgroup/setup", zstack_rules(vms)))["success"]
+    first = await mn.wait_report(REPORT)
+    assert first == {"hostUuid": "h1", "networkGroupStatus": {"zs-group": "Available"},
+                     "failedVmUuids": []}
+
+    for _ in range(3):  # a link bouncing faster than the damping time reports nothing
+        ip("-n", netns, "link", "set", "bond0b", "down")
+        ip("-n", netns, "link", "set", "bond0b", "up")
+    await asyncio.sleep(2 * netgroup.SETTLE + 0.5)
+    await agent.ctx.outbox.drain(5)
+    assert len(mn.reports_for(REPORT)) == 1
+
+    ip("-n", netns, "link", "set", "bond0b", "down")  # stays down: score 1 < minScore 2
+    down = await mn.wait_report(REPORT, lambda b: b["failedVmUuids"])
+    assert down == {"hostUuid": "h1", "networkGroupStatus": {"zs-group": "Down"},
+                    "failedVmUuids": [vms[0]]}, "only HA-enabled VMs; reported, not killed"
+    # While VMs are failed the report is repeated (ZStack: every fencer cycle).
+    await mn.wait_report(REPORT, lambda b: sum(1 for r in mn.reports_for(REPORT) if r == down) >= 2,
+                         timeout=10)
+    states = await agent.call("/vm/vmstate", {"vmUuids": [vms[0]]})
+    assert states["states"] == {vms[0]: "Running"}, "a failed VM is reported, never killed"

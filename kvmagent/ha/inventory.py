@@ -29,6 +29,7 @@ class VmRecord:
     paths: tuple[str, ...]
     enable_ha: bool
     active: bool
+    bridges: tuple[str, ...] = ()
 
 
 def storage_paths(root: ET.Element) -> tuple[str, ...]:
@@ -39,6 +40,12 @@ def storage_paths(root: ET.Element) -> tuple[str, ...]:
         if value:
             paths.append(value)
     return tuple(paths)
+
+
+def bridges(root: ET.Element) -> tuple[str, ...]:
+    """The bridges the domain's NICs are plugged into."""
+    return tuple(s.get("bridge") for s in root.iterfind("./devices/interface/source")
+                 if s.get("bridge"))
 
 
 def under(path: str, mount: str) -> bool:
@@ -59,7 +66,8 @@ def read_inventory(conn: libvirt.virConnect) -> dict[str, VmRecord]:
         try:
             root = ET.fromstring(dom.XMLDesc(0))
             name = dom.name()
-            result[name] = VmRecord(name, storage_paths(root), ha_flag(root), bool(dom.isActive()))
+            result[name] = VmRecord(name, storage_paths(root), ha_flag(root), bool(dom.isActive()),
+                                    bridges(root))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise

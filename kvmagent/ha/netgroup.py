@@ -1,10 +1,20 @@
 """Network-group monitoring from netlink link events (pyroute2), not by polling ``ip``.
 
-A group is Down when the summed weight of its resources that are up (administratively up
-and running, i.e. carrier) is below ``minAvailableCount``; with the default weight of 1 that
-is "fewer than minAvailableCount resources up". Every change of any group's status is
-reported with the HA-enabled VMs that belong to a Down group; after an agent restart the
-full state is reported once.
+Two rule shapes are accepted side by side:
+- ours: groups ``{networkGroupUuid, minAvailableCount, resources [{name, weight}]}`` plus
+  ``vmGroups {vmUuid: [groupUuid]}``;
+- ZStack's (ZU HA-network-group code, 2026): per VM
+  ``{vmUuid: {"groups": {groupUuid: {"rules": [{"resource", "weight"}], "minScore"}}}}``.
+A group is Down when the summed weight of its resources that are up (administratively up and
+running, i.e. carrier) is below its minimum (``minAvailableCount`` / ``minScore``); a VM fails
+when one of its groups is Down for it. Only HA-enabled VMs are reported, and failed VMs are
+reported, never killed. The report is ``{hostUuid, networkGroupStatus {group: Available|Down},
+failedVmUuids (sorted)}``:
+- a status change is reported once links have been stable for ``SETTLE`` seconds (flap
+  damping: a link bouncing faster than that reports nothing);
+- while VMs are failed it is repeated every ``REPEAT`` seconds (ZStack repeats it every
+  fencer cycle, so the MN can act on VMs whose first report it missed);
+- after an agent restart the full state is reported once.
 """
 from __future__ import annotations
 
@@ -23,6 +33,8 @@ log = logging.getLogger(__name__)
 STATE_DOC = "ha/networkgroups"
 REPORT_PATH = "/kvm/reportnetworkgroupstatus"
 AVAILABLE, DOWN = "Available", "Down"
+SETTLE = 1.0
+REPEAT = 10.0
 IFF_UP, IFF_RUNNING = 0x1, 0x40
 
 
@@ -33,18 +45,31 @@ class Group:
     resources: dict[str, int]  # ifname -> weight
 
 
+# ZStack's per-VM rules: vm -> group -> (min score, resource -> weight)
+VmRules = dict[str, dict[str, tuple[int, dict[str, int]]]]
+
+
 @dataclass
 class Config:
     groups: dict[str, Group] = field(default_factory=dict)
     vm_groups: dict[str, list[str]] = field(default_factory=dict)
+    vm_rules: VmRules = field(default_factory=dict)
 
     def to_doc(self) -> dict:
-        return {"groups": [asdict(g) for g in self.groups.values()], "vmGroups": self.vm_groups}
+        return {"groups": [asdict(g) for g in self.groups.values()], "vmGroups": self.vm_groups,
+                "vmRules": {vm: {g: {"minScore": m, "rules": r} for g, (m, r) in groups.items()}
+                            for vm, groups in self.vm_rules.items()}}
 
     @classmethod
     def from_doc(cls, doc: dict) -> Config:
         groups = {g["uuid"]: Group(**g) for g in doc.get("groups", [])}
-        return cls(groups, dict(doc.get("vmGroups", {})))
+        rules = {vm: {g: (int(r["minScore"]), dict(r["rules"])) for g, r in groups_.items()}
+                 for vm, groups_ in (doc.get("vmRules") or {}).items()}
+        return cls(groups, dict(doc.get("vmGroups", {})), rules)
+
+
+def score(resources: dict[str, int], links: dict[str, bool]) -> int:
+    return sum(w for name, w in resources.items() if links.get(name, False))
 
 
 def link_up(flags: int) -> bool:
@@ -63,12 +88,20 @@ class NetworkGroupMonitor:
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._report_lock = asyncio.Lock()
+        self._settle: asyncio.TimerHandle | None = None
+        self._repeater: asyncio.Task | None = None
 
     # -- configuration -----------------------------------------------------------------------
     async def restore(self) -> None:
         doc = self.ctx.state.load(STATE_DOC)
-        if doc and doc.get("groups"):
-            self.config = Config.from_doc(doc)
+        try:
+            config = Config.from_doc(doc) if isinstance(doc, dict) else Config()
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            log.error("state document %s has an unexpected shape (%s); no network group "
+                      "restored", STATE_DOC, exc)
+            config = Config()
+        if config.groups or config.vm_rules:
+            self.config = config
             try:
                 await self._ensure_watching()
             except TimeoutError:  # keep starting: fencers and VMs matter more; it keeps trying
@@ -77,11 +110,13 @@ class NetworkGroupMonitor:
                 return
             self._report(force=True)  # the MN gets the full picture once after a restart
 
-    async def setup(self, groups: list[Group], vm_groups: dict[str, list[str]]) -> None:
+    async def setup(self, groups: list[Group], vm_groups: dict[str, list[str]],
+                    vm_rules: VmRules | None = None) -> None:
         async with self._lock:
             for group in groups:
                 self.config.groups[group.uuid] = group
             self.config.vm_groups.update(vm_groups)
+            self.config.vm_rules.update(vm_rules or {})
             self._persist()
             try:
                 await self._ensure_watching()
@@ -94,6 +129,9 @@ class NetworkGroupMonitor:
         async with self._lock:
             for uuid in uuids:
                 self.config.groups.pop(uuid, None)
+                for groups in self.config.vm_rules.values():
+                    groups.pop(uuid, None)
+            self.config.vm_rules = {vm: g for vm, g in self.config.vm_rules.items() if g}
             self.config.vm_groups = {vm: [g for g in gs if g in self.config.groups]
                                      for vm, gs in self.config.vm_groups.items()}
             self.config.vm_groups = {vm: gs for vm, gs in self.config.vm_groups.items() if gs}
@@ -107,15 +145,27 @@ class NetworkGroupMonitor:
     def statuses(self) -> dict[str, str]:
         result = {}
         for group in self.config.groups.values():
-            up = sum(w for name, w in group.resources.items() if self.links.get(name, False))
+            up = score(group.resources, self.links)
             result[group.uuid] = AVAILABLE if up >= group.min_available else DOWN
+        for groups in self.config.vm_rules.values():
+            for uuid, (min_score, resources) in groups.items():
+                if result.get(uuid) != DOWN:
+                    result[uuid] = AVAILABLE if score(resources, self.links) >= min_score else DOWN
         return result
+
+    def _failing_members(self, down: set[str]) -> set[str]:
+        members = {vm for vm, groups in self.config.vm_groups.items() if down & set(groups)}
+        for vm, groups in self.config.vm_rules.items():
+            if any(score(resources, self.links) < min_score
+                   for min_score, resources in groups.values()):
+                members.add(vm)
+        return members
 
     async def failed_vms(self, statuses: dict[str, str]) -> list[str]:
         down = {g for g, s in statuses.items() if s == DOWN}
         if not down:
             return []
-        members = {vm for vm, groups in self.config.vm_groups.items() if down & set(groups)}
+        members = self._failing_members(down)
         vm_service = self.ctx.services.get("vm")
         try:
             enabled = await vm_service.ha_enabled_vms() if vm_service else set()
@@ -127,6 +177,12 @@ class NetworkGroupMonitor:
     def _report(self, force: bool = False) -> None:
         self.ctx.spawn(self._report_now(force), name="networkgroup report")
 
+    def _report_settled(self) -> None:
+        """Report once the links stop changing for SETTLE seconds (flap damping)."""
+        if self._settle is not None:
+            self._settle.cancel()
+        self._settle = asyncio.get_running_loop().call_later(SETTLE, self._report)
+
     async def _report_now(self, force: bool) -> None:
         async with self._report_lock:  # one at a time, or a slow older one could report last
             statuses = self.statuses()
@@ -135,9 +191,20 @@ class NetworkGroupMonitor:
             if key == self._reported and not force:
                 return
             self._reported = key
-        log.warning("network groups changed: %s; failed HA VMs: %s", statuses, failed or "none")
-        self.ctx.reporter.report(REPORT_PATH, {"networkGroupStatus": statuses,
+        log.warning("network groups: %s; failed HA VMs: %s", statuses, failed or "none")
+        self.ctx.reporter.report(REPORT_PATH, {"hostUuid": self.ctx.identity.host_uuid,
+                                               "networkGroupStatus": statuses,
                                                "failedVmUuids": failed})
+        if failed and (self._repeater is None or self._repeater.done()):
+            self._repeater = self.ctx.spawn(self._repeat(), name="networkgroup repeat")
+
+    async def _repeat(self) -> None:
+        """While VMs are failed, say so again every REPEAT seconds."""
+        while True:
+            await asyncio.sleep(REPEAT)
+            if not (self._reported and self._reported[1]):
+                return
+            await self._report_now(force=True)
 
     async def status(self) -> tuple[dict[str, str], list[str]]:
         statuses = self.statuses()
@@ -180,10 +247,16 @@ class NetworkGroupMonitor:
         if self.links.get(name) == up:
             return
         self.links[name] = up
-        if any(name in g.resources for g in self.config.groups.values()):
-            self._report()
+        if any(name in g.resources for g in self.config.groups.values()) or any(
+                name in resources for groups in self.config.vm_rules.values()
+                for _, resources in groups.values()):
+            self._report_settled()
 
     async def close(self) -> None:
+        if self._settle is not None:
+            self._settle.cancel()
+        if self._repeater is not None:
+            self._repeater.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -45,9 +45,46 @@ os.replace(tmp, os.path.join(directory, name))
 
 _READ = r"""
 import sys
-with open(sys.argv[1], "rb") as fh:
-    sys.stdout.buffer.write(fh.read(1 << 20))
+try:
+    with open(sys.argv[1], "rb") as fh:
+        sys.stdout.buffer.write(fh.read(1 << 20))
+except FileNotFoundError:
+    sys.exit(3)
 """
+
+_IS_DIR = r"""
+import os, sys
+sys.exit(0 if os.path.isdir(sys.argv[1]) else 3)
+"""
+MISSING = 3  # exit code of a child that found no such file (or no directory)
+
+
+def heartbeat_bytes(vm_uuids: list[str], now: float | None = None) -> bytes:
+    """The heartbeat exactly as ZStack's agent writes it (ZU ``FileSystemHeartbeatController``,
+    Python 2 ``json.dumps``): default separators, ``heartbeat_time`` as a float (shortest
+    repr), ``vm_uuids`` a comma-joined string or null, no trailing newline."""
+    doc = {"heartbeat_time": time.time() if now is None else now,
+           "vm_uuids": ",".join(vm_uuids) if vm_uuids else None}
+    return json.dumps(doc).encode()
+
+
+def parse_heartbeat(data: bytes) -> tuple[float, list[str]] | None:
+    """(time, vm uuids) from ZStack's format or ours (older versions wrote a list);
+    None for an empty or partial file (ZStack's writer truncates before it writes)."""
+    text = data.decode(errors="replace").strip()
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+        beat = float(doc["heartbeat_time"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    uuids = doc.get("vm_uuids")
+    if isinstance(uuids, str):
+        return beat, [u for u in uuids.split(",") if u]
+    if isinstance(uuids, list):
+        return beat, [str(u) for u in uuids]
+    return beat, []
 
 
 def heartbeat_name(host_uuid: str) -> str:
@@ -62,6 +99,7 @@ def heartbeat_path(mount_path: str, host_uuid: str) -> str:
 class ProbeResult:
     ok: bool
     error: str = ""
+    missing: bool = False  # the file (or directory) does not exist
     output: bytes = b""
     seconds: float = 0.0
 
@@ -72,6 +110,7 @@ class StorageProbe:
     def __init__(self, allow_root_fs: bool = False) -> None:
         self.allow_root_fs = allow_root_fs
         self._stuck: asyncio.subprocess.Process | None = None
+        self._one_at_a_time = asyncio.Lock()  # concurrent callers must not each leave a child
 
     @property
     def stuck_pid(self) -> int | None:
@@ -81,7 +120,7 @@ class StorageProbe:
 
     async def write_heartbeat(self, mount_path: str, host_uuid: str, vm_uuids: list[str],
                               timeout: float) -> ProbeResult:
-        payload = json.dumps({"heartbeat_time": time.time(), "vm_uuids": sorted(vm_uuids)})
+        payload = heartbeat_bytes(sorted(vm_uuids)).decode()
         return await self._run([_WRITE, mount_path, os.path.join(mount_path, HEARTBEAT_DIR),
                                 heartbeat_name(host_uuid), payload,
                                 "1" if self.allow_root_fs else "0"], timeout)
@@ -89,7 +128,14 @@ class StorageProbe:
     async def read(self, path: str, timeout: float) -> ProbeResult:
         return await self._run([_READ, path], timeout)
 
+    async def is_dir(self, path: str, timeout: float) -> ProbeResult:
+        return await self._run([_IS_DIR, path], timeout)
+
     async def _run(self, script_and_args: list[str], timeout: float) -> ProbeResult:
+        async with self._one_at_a_time:
+            return await self._run_alone(script_and_args, timeout)
+
+    async def _run_alone(self, script_and_args: list[str], timeout: float) -> ProbeResult:
         if self.stuck_pid is not None:
             return ProbeResult(False, f"the previous I/O (pid {self.stuck_pid}) is still stuck "
                                       "in the storage")
@@ -99,7 +145,10 @@ class StorageProbe:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives as the child finishes, and a fencer being replaced then never stops.
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate()
         except (TimeoutError, asyncio.CancelledError) as exc:
             kill_group(proc.pid)
             self._stuck = proc
@@ -109,6 +158,9 @@ class StorageProbe:
             return ProbeResult(False, f"storage I/O did not finish within {timeout:g}s",
                                seconds=time.monotonic() - started)
         seconds = time.monotonic() - started
+        if proc.returncode == MISSING:
+            return ProbeResult(False, f"no such file: {script_and_args[1]}", missing=True,
+                               seconds=seconds)
         if proc.returncode != 0:
             lines = err.decode(errors="replace").strip().splitlines()
             return ProbeResult(False, lines[-1] if lines else f"exit {proc.returncode}", seconds=seconds)
