@@ -23,6 +23,7 @@ host (read only).
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -491,6 +492,16 @@ def root_link_exists(name: str) -> bool:
         return bool(ipr.link_lookup(ifname=name))
 
 
+async def async_wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """:func:`wait_for` on the event loop (the predicate reads the agent's own state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -501,6 +512,7 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
 
 
 __all__ = [
+    "async_wait_for",
     "CLIENT_IP",
     "CLIENT_IP6",
     "World",

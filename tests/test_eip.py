@@ -23,6 +23,7 @@ from .eip_world import (
     FirewallLab,
     World,
     arp_ask,
+    async_wait_for,
     host_forward_drops,
     ns_nft_rules,
     ns_run,
@@ -963,3 +964,66 @@ async def test_start_up_removes_host_rules_no_record_needs(eip_agent, world, mak
     await traffic(world, body)
     assert (await second.call(DELETE, {"eip": body}))["success"]
     await assert_gone(world, second, body)
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+async def test_apply_after_the_chain_was_deleted_behind_the_agents_back(world, backend):
+    """``iptables -F; -X`` (or a firewalld reload) removed the chain and its jump between two
+    checks: the next apply of the EIP (the MN re-applying it) succeeds and its traffic passes,
+    although the firewall remembered the chain as there."""
+    body = world.eip(0)
+    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()})
+    lab = FirewallLab(body, _names(world, body), backend)
+    chain, iptables = chain_name(world.prefix), lab.command(4)
+    try:
+        await asyncio.to_thread(lab.build)
+        fw = HostFirewall(world.prefix, netns=lab.host,
+                          commands={4: lab.command(4), 6: lab.command(6)})
+        await fw.add(spec, lab.names)
+        for args in (("-D", "FORWARD", "-j", chain), ("-F", chain), ("-X", chain)):
+            await asyncio.to_thread(ns_run, lab.host, iptables, "-w", "10", *args)
+        assert not await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7811)
+        await fw.add(spec, lab.names)
+        assert await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7812)
+        listed = await asyncio.to_thread(ns_run, lab.host, iptables, "-w", "10", "-S")
+        assert sorted(line for line in listed.stdout.decode().splitlines()
+                      if line.startswith(f"-A {chain} ")) == sorted(host_rules(world, body))
+    finally:
+        await asyncio.to_thread(lab.destroy)
+
+
+async def test_firewall_check_waits_for_the_start_up_restore(eip_agent, world, monkeypatch):
+    """A restart with two EIPs where restoring the second is slow: while only the first is
+    restored, the periodic firewall check (every 20 ms here) must not take the chain, which
+    still holds both EIPs' rules from the last run, for changed and rebuild it without the
+    second (whose traffic would then be dropped until its restore ends)."""
+    from kvmagent.eip.manager import EipManager
+
+    await asyncio.to_thread(world.add_vm, 1)
+    first = await eip_agent()
+    a, b = world.eip(0), world.eip(1, vm=1)
+    assert (await first.call(BATCH_APPLY, {"eips": [a, b]}))["success"]
+    both = sorted(host_rules(world, a) + host_rules(world, b))
+    await first.client.close()
+
+    gate, settle = asyncio.Event(), EipManager._settle
+
+    async def slow_settle(self, eip_uuid: str, op: str) -> str:
+        if eip_uuid == b["eipUuid"]:
+            await gate.wait()
+        return await settle(self, eip_uuid, op)
+
+    monkeypatch.setattr(EipManager, "_settle", slow_settle)
+    second = await eip_agent(firewall_check=0.02)
+    fw = manager(second).firewall
+    assert await async_wait_for(lambda: a["eipUuid"] in fw.wanted[4])
+    await asyncio.sleep(0.5)         # 25 check intervals: time for the wrong rebuild
+    assert fw.rebuilds == 0
+    assert sorted((await asyncio.to_thread(world.leftovers))["iptables"][4]) == both
+    gate.set()
+    await asyncio.wait_for(manager(second).restored.wait(), 30)
+    assert fw.rebuilds == 0
+    assert sorted((await asyncio.to_thread(world.leftovers))["iptables"][4]) == both
+    await traffic(world, a)
+    await traffic(world, b, vm=1)
+    assert (await second.call(BATCH_DELETE, {"eips": [a, b]}))["success"]

@@ -129,8 +129,8 @@ class HostFirewall:
             return
         result = await run_process(self._argv(cmd, *args), timeout=self.timeout)
         if not result.ok:
-            raise AgentError(f"host firewall ({self.commands[version]} {' '.join(args[:2])} "
-                             f"{self.chain}): {result.describe()}")
+            raise AgentError(f"host firewall ({self.commands[version]} {' '.join(args[:2])}): "
+                             f"{result.describe()}")
 
     # ----- per EIP ----------------------------------------------------------------------
     async def add(self, spec: EipSpec, names: Names, *, fresh: bool = False) -> None:
@@ -154,7 +154,21 @@ class HostFirewall:
                     await self._delete_rule(version, rule)
             for rule in rules:
                 if fresh or not await self._run(version, "-C", self.chain, *rule.argv(version)):
-                    await self._must(version, "-A", self.chain, *rule.argv(version))
+                    await self._append(version, rule)
+
+    async def _append(self, version: int, rule: Rule) -> None:
+        """Append one rule; when that fails the cached "chain is there" may be stale (a
+        firewalld reload or ``iptables -F; -X`` since the last check), so the chain and jump
+        are made again and the append tried once more."""
+        try:
+            await self._must(version, "-A", self.chain, *rule.argv(version))
+        except AgentError as exc:
+            if version not in self._base_ok:
+                raise
+            log.warning("%s; making the chain and its jump again", exc)
+            self._base_ok.discard(version)
+            await self._ensure_base(version)
+            await self._must(version, "-A", self.chain, *rule.argv(version))
 
     async def remove(self, eip_uuid: str, spec: EipSpec | None = None,
                      names: Names | None = None) -> None:
@@ -246,8 +260,13 @@ class HostFirewall:
             for rule in rules:
                 await self._must(version, "-A", self.chain, *rule.argv(version))
 
-    async def watch(self, interval: float) -> None:
-        """Run :meth:`check` every ``interval`` seconds, forever (a background task)."""
+    async def watch(self, interval: float, ready: asyncio.Event | None = None) -> None:
+        """Run :meth:`check` every ``interval`` seconds, forever (a background task), from
+        when ``ready`` is set: before the start-up restore has put every recorded EIP back
+        into ``wanted``, the chain (still holding the last run's rules) would look changed
+        and be rebuilt without the EIPs not restored yet, dropping their traffic."""
+        if ready is not None:
+            await ready.wait()
         while True:
             await asyncio.sleep(interval)
             try:
