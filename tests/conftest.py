@@ -59,6 +59,7 @@ def agent_config(tmp_path: Path, **overrides: Any) -> AgentConfig:
         listen="127.0.0.1:0", state_dir=tmp_path / "state", libvirt_uri="qemu:///system",
         domain_type="qemu", models_root=tmp_path / "models", delivery_initial_backoff=0.05,
         delivery_max_backoff=0.2, delivery_retry_window=10, libvirt_reconnect_interval=0.5,
+        docker_daemon_json=tmp_path / "etc-docker" / "daemon.json",   # never the machine's
     )
     values.update(overrides)
     return AgentConfig(**values)

@@ -906,6 +906,18 @@ def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
     assert json.loads(path.read_text()) == {"iptables": True}
     path.write_text("{not json")
     assert keep_off_iptables(path) == "unreadable" and path.read_text() == "{not json"
+    # A symlinked file stays a symlink (its target gets the setting), a file keeps its mode.
+    import os
+    target = tmp_path / "conf" / "docker.json"
+    target.parent.mkdir()
+    target.write_text(json.dumps({"debug": True}))
+    target.chmod(0o600)
+    path.unlink()
+    path.symlink_to(target)
+    assert keep_off_iptables(path) == "added"
+    assert path.is_symlink() and os.readlink(path) == str(target)
+    assert json.loads(target.read_text()) == {"debug": True, "iptables": False}
+    assert target.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
