@@ -826,12 +826,12 @@ DOCKERD_LOG = "/var/log/dockerd.log"
 
 
 def _restart_dockerd() -> None:
-    """Stop the running dockerd (SIGTERM, as its init would) and start it again as CI does;
-    returns once the engine answers."""
+    """Stop the running dockerd (SIGTERM, as its init would) and start it again the way
+    scripts/setup-host.sh does (``setsid dockerd`` with its output in /var/log/dockerd.log,
+    appended here so earlier logs stay); returns once the engine answers."""
     import os
     import shutil
     import signal
-    import time
 
     import psutil
     procs = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
@@ -843,39 +843,91 @@ def _restart_dockerd() -> None:
         proc.kill()
     dockerd = shutil.which("dockerd", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin")
     with open(DOCKERD_LOG, "ab") as log:
-        subprocess.Popen([dockerd], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if subprocess.run(["docker", "version"], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"dockerd did not come back; see {DOCKERD_LOG}")
+        subprocess.Popen(["setsid", dockerd], stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=subprocess.STDOUT)
+    if not wait_for(lambda: subprocess.run(["docker", "version"], capture_output=True)
+                    .returncode == 0, timeout=60, interval=0.5):
+        raise AssertionError(f"dockerd did not come back; see {DOCKERD_LOG}")
+
+
+def _forward(cmd: str = "iptables") -> list[str]:
+    return subprocess.run([cmd, "-w", "10", "-S", "FORWARD"], capture_output=True,
+                          check=True).stdout.decode().splitlines()
 
 
 async def test_eip_carries_traffic_after_docker_restarts(eip_agent, world):
-    """dockerd restarted (it rewrites its FORWARD chains and policy): the EIP still carries
-    IPv4 and IPv6 traffic, its host rules are all there. Under the machine's docker lock."""
+    """The real dockerd restarted (it puts its FORWARD chains and DROP policy back): once
+    docker's chains are back, the agent's jump and every host rule are there too and the EIP
+    carries IPv4 and IPv6 traffic. Under the machine's docker lock; needs a docker that
+    manages iptables (the simulated rewrite below runs everywhere)."""
     import fcntl
-    agent = await eip_agent(firewall_check=1.0)
+    if not await asyncio.to_thread(host_forward_drops):
+        pytest.skip("this host's docker does not manage iptables (nothing of ours to rewrite)")
+    agent = await eip_agent(firewall_check=0.2)
     v4, v6 = world.eip(0), world.eip6(1)
     assert (await agent.call(BATCH_APPLY, {"eips": [v4, v6]}))["success"]
     await traffic(world, v4)
+    jump = f"-A FORWARD -j {chain_name(world.prefix)}"
+
+    def all_back() -> bool:
+        forward = _forward()
+        fw = world.leftovers()["iptables"]
+        return ("-P FORWARD DROP" in forward and "-A FORWARD -j DOCKER-USER" in forward
+                and jump in forward and jump in _forward("ip6tables")
+                and sorted(fw[4] or []) == sorted(host_rules(world, v4))
+                and len(fw[6] or []) == 12)
+
     with open(DOCKER_LOCK, "a") as lock:
         await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
         try:
             await asyncio.to_thread(_restart_dockerd)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    await asyncio.sleep(2.5)         # two rounds of the agent's check
-    assert await asyncio.to_thread(host_forward_drops)       # docker's DROP is back
-    fw = (await asyncio.to_thread(world.leftovers))["iptables"]
-    assert sorted(fw[4]) == sorted(host_rules(world, v4)) and len(fw[6]) == 12, fw
+    assert await asyncio.to_thread(wait_for, all_back, 30), (_forward(), world.leftovers())
     await traffic(world, v4)
     await traffic6(world, v6)
     assert (await agent.call(BATCH_DELETE, {"eips": [v4, v6]}))["success"]
     left = await asyncio.to_thread(world.leftovers)
     assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("version", [4, 6])
+async def test_docker_style_forward_rewrite_is_undone_by_the_check(world, backend, version):
+    """What a restarting dockerd does to FORWARD, in a lab host namespace: ``-F FORWARD``, a
+    ``DOCKER-USER`` chain jumped to from the top, policy DROP. The periodic check (every
+    20 ms here) notices, rebuilds, and the EIP's traffic passes again below docker's jump."""
+    body = world.eip6(0) if version == 6 else world.eip(0)
+    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()} | {"ip_version": version})
+    lab = FirewallLab(body, _names(world, body), backend)
+    chain, cmd = chain_name(world.prefix), lab.command(version)
+    watcher = None
+    try:
+        await asyncio.to_thread(lab.build)
+        fw = HostFirewall(world.prefix, netns=lab.host,
+                          commands={4: lab.command(4), 6: lab.command(6)})
+        await fw.add(spec, lab.names)
+        assert await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7821)
+        ready = asyncio.Event()
+        ready.set()
+        watcher = asyncio.create_task(fw.watch(0.02, ready))
+        rebuilds = fw.rebuilds
+        for args in (("-F", "FORWARD"), ("-N", "DOCKER-USER"), ("-A", "DOCKER-USER", "-j",
+                     "RETURN"), ("-I", "FORWARD", "1", "-j", "DOCKER-USER"),
+                     ("-P", "FORWARD", "DROP")):
+            await asyncio.to_thread(ns_run, lab.host, cmd, "-w", "10", *args)
+        assert await async_wait_for(lambda: fw.rebuilds > rebuilds)
+        assert await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7822)
+        assert await asyncio.to_thread(lab.passes, "eip", body["nicGateway"], "vm", 7823)
+        forward = (await asyncio.to_thread(ns_run, lab.host, cmd, "-w", "10", "-S", "FORWARD")
+                   ).stdout.decode().splitlines()
+        assert "-P FORWARD DROP" in forward and "-A FORWARD -j DOCKER-USER" in forward
+        assert f"-A FORWARD -j {chain}" in forward
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await asyncio.to_thread(lab.destroy)
 
 
 def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
