@@ -743,12 +743,12 @@ async def test_ipv6_eip_carries_tcp_through_dnat_and_snat(eip_agent, world, mn):
     assert obs.default_routes == [f"{body['vipGateway']}@{names.pub_ns}"]
     assert obs.neighbours == [(body["nicIp"], body["nicMac"])]
     fw = (await asyncio.to_thread(world.leftovers))["iptables"]
-    assert fw[4] is None and len(fw[6]) == 4 + 8, fw      # 4 address rules, 8 for ND
+    assert fw[4] is None and len(fw[6]) == 4 + 12, fw      # 4 address rules, 12 for ND
     await traffic6(world, body)
     # batchapply of the same EIP (host reconnect) keeps one copy and still carries traffic
     reply = await agent.call_async(mn, BATCH_APPLY, {"eips": [dict(body, skipArpCheck=False)]})
     assert reply["success"], reply
-    assert len((await asyncio.to_thread(world.leftovers))["iptables"][6]) == 12
+    assert len((await asyncio.to_thread(world.leftovers))["iptables"][6]) == 16
     await traffic6(world, body)
     reply = await agent.call_async(mn, BATCH_DELETE, {"eips": [body]})
     assert reply["success"], reply
@@ -875,7 +875,7 @@ async def test_eip_carries_traffic_after_docker_restarts(eip_agent, world):
         return ("-P FORWARD DROP" in forward and "-A FORWARD -j DOCKER-USER" in forward
                 and jump in forward and jump in _forward("ip6tables")
                 and sorted(fw[4] or []) == sorted(host_rules(world, v4))
-                and len(fw[6] or []) == 12)
+                and len(fw[6] or []) == 16)
 
     with open(DOCKER_LOCK, "a") as lock:
         await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
@@ -999,6 +999,15 @@ async def test_host_rules_open_only_the_eips_traffic_on_either_backend(world, ba
         await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10",
                                 "-F", "FORWARD")                       # a firewall reload
         assert await paths() == (False, False, False)
+        assert await fw.check() == [version]
+        assert await paths() == (True, True, False)
+        assert await fw.check() == []                                  # intact: nothing to do
+        plen = 128 if version == 6 else 32                             # same count, other rule
+        await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10", "-R",
+                                chain_name(world.prefix), "1", "-d", f"{lab.extra}/{plen}",
+                                "-m", "physdev", "--physdev-out", lab.names.pub_host,
+                                "-j", "ACCEPT")
+        assert await paths() == (False, True, False)                # the VIP lost its rule
         assert await fw.check() == [version]
         assert await paths() == (True, True, False)
         await fw.remove(spec.eip_uuid)

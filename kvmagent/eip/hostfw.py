@@ -19,21 +19,25 @@ What is added (per IP version, only while that version has EIPs)
         -m physdev --physdev-in  <ph> -s <vip>    -j ACCEPT    EIP -> public network
         -m physdev --physdev-out <vh> -s <nicIp>  -j ACCEPT    VM -> EIP namespace
         -m physdev --physdev-in  <vh> -d <nicIp>  -j ACCEPT    EIP namespace -> VM
-        IPv6 also: ICMPv6 neighbour solicitations/advertisements into and out of <ph>/<vh>
+        IPv6 also, into and out of <ph>/<vh>, the neighbour discovery the address rules miss
+        (link-local or unspecified sources): solicitations to solicited-node multicast
+        (ff02::1:ff00:0/104), advertisements to link-local addresses or all-nodes (ff02::1)
 
     Rules are argv lists made from validated values (no shell, no text template), run with
     ``-w`` (the xtables lock docker takes too).
 
 Keeping them there
-    apply adds an EIP's rules (``-C`` first, so twice is one copy), delete removes them, and
-    the last delete of a version removes the jump and the chain. :meth:`HostFirewall.check`
-    (start-up, sync, and every ``interval`` seconds) compares the jump and the number of
-    rules with what they should be and rebuilds the chain when someone rewrote the firewall
-    (docker restarted, firewalld reloaded, ``iptables -F``).
+    apply adds an EIP's rules (those not listed by ``-S`` yet, so twice is one copy), delete
+    removes them, and the last delete of a version removes the jump and the chain.
+    :meth:`HostFirewall.check` (after the start-up restore, at sync, and every ``interval``
+    seconds) compares the jump and the chain's rules, as ``-S`` prints them, with what they
+    should be and rebuilds the chain when someone rewrote the firewall (docker restarted,
+    firewalld reloaded, ``iptables -F``).
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import shutil
 from dataclasses import dataclass
@@ -46,7 +50,10 @@ from .spec import EipSpec
 log = logging.getLogger(__name__)
 
 COMMANDS = {4: "iptables", 6: "ip6tables"}
-ND_TYPES = ("neighbour-solicitation", "neighbour-advertisement")
+# ICMPv6 types (as -S prints them) and the destinations they may go to through a port.
+ND_SOLICIT, ND_ADVERT = 135, 136
+ND_RULES = ((ND_SOLICIT, "ff02::1:ff00:0/104"), (ND_ADVERT, "fe80::/10"),
+            (ND_ADVERT, "ff02::1/128"))
 
 
 def chain_name(prefix: str) -> str:
@@ -60,18 +67,23 @@ class Rule:
 
     port: str
     port_dir: str             # "in" | "out"
-    addr: str | None = None
+    addr: str | None = None   # an address or a network
     addr_dir: str = "d"       # "s" | "d"
-    nd: str | None = None     # ICMPv6 type name (IPv6 only)
+    nd: int | None = None     # ICMPv6 type (IPv6 only)
 
     def argv(self, version: int) -> list[str]:
         out: list[str] = []
         if self.addr is not None:
-            out += [f"-{self.addr_dir}", f"{self.addr}/{32 if version == 4 else 128}"]
+            # Written as -S prints it (compressed, with its length), so lines compare.
+            out += [f"-{self.addr_dir}", str(ipaddress.ip_network(self.addr, strict=False))]
         if self.nd is not None:
-            out += ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", self.nd]
+            out += ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", str(self.nd)]
         out += ["-m", "physdev", f"--physdev-{self.port_dir}", self.port, "-j", "ACCEPT"]
         return out
+
+    def line(self, version: int, chain: str) -> str:
+        """The rule as ``iptables -S`` lists it (on either backend)."""
+        return " ".join(["-A", chain, *self.argv(version)])
 
 
 def rules_for(spec: EipSpec, names: Names) -> list[Rule]:
@@ -79,8 +91,8 @@ def rules_for(spec: EipSpec, names: Names) -> list[Rule]:
     rules = [Rule(ph, "out", spec.vip, "d"), Rule(ph, "in", spec.vip, "s"),
              Rule(vh, "out", spec.nic_ip, "s"), Rule(vh, "in", spec.nic_ip, "d")]
     if spec.ip_version == 6:
-        rules += [Rule(port, way, nd=nd) for port in (ph, vh) for way in ("out", "in")
-                  for nd in ND_TYPES]
+        rules += [Rule(port, way, dest, "d", nd) for port in (ph, vh) for way in ("out", "in")
+                  for nd, dest in ND_RULES]
     return rules
 
 
@@ -152,8 +164,9 @@ class HostFirewall:
             for rule in old or []:
                 if rule not in rules:
                     await self._delete_rule(version, rule)
+            listed = set() if fresh else await self._listed(version)
             for rule in rules:
-                if fresh or not await self._run(version, "-C", self.chain, *rule.argv(version)):
+                if rule.line(version, self.chain) not in listed:
                     await self._append(version, rule)
 
     async def _append(self, version: int, rule: Rule) -> None:
@@ -241,17 +254,23 @@ class HostFirewall:
                 self.rebuilds += 1
         return rebuilt
 
-    async def _intact(self, version: int, eips: dict[str, list[Rule]]) -> bool:
-        if not await self._run(version, "-C", "FORWARD", "-j", self.chain):
-            return False
+    async def _listed(self, version: int) -> list[str]:
+        """The chain's rules as ``-S`` prints them (empty: no chain, or no command)."""
         cmd = self._command(version)
-        assert cmd is not None
+        if cmd is None:
+            return []
         listed = await run_process(self._argv(cmd, "-S", self.chain), timeout=self.timeout)
         if not listed.ok:
+            return []
+        return [line for line in listed.stdout.decode().splitlines() if line.startswith("-A ")]
+
+    async def _intact(self, version: int, eips: dict[str, list[Rule]]) -> bool:
+        """The jump is in FORWARD and the chain holds exactly the wanted rules, once each."""
+        if not await self._run(version, "-C", "FORWARD", "-j", self.chain):
             return False
-        # "-S" prints the "-N" line and one "-A" line per rule: compare the counts only.
-        count = sum(1 for line in listed.stdout.decode().splitlines() if line.startswith("-A "))
-        return count == sum(len(rules) for rules in eips.values())
+        listed = await self._listed(version)
+        wanted = [rule.line(version, self.chain) for rules in eips.values() for rule in rules]
+        return sorted(listed) == sorted(wanted)
 
     async def _rebuild(self, version: int, eips: dict[str, list[Rule]]) -> None:
         await self._ensure_base(version)
