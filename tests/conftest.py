@@ -14,6 +14,7 @@ from kvmagent.core.plugin import discover_plugins
 from kvmagent.core.server import CTX, create_app
 
 from .mnstub import MNStub, make_mn_app
+from .eip_world import eip_agent, world  # noqa: F401  (fixtures shared by the EIP tests)
 from .vmkit import guest_image, lv, workdir  # noqa: F401  (fixtures shared by the VM-based tests)
 
 

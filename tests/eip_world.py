@@ -36,10 +36,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvmagent.eip.hostfw import chain_name
+from kvmagent.plugins import host as host_plugin
+from kvmagent.plugins.eip import make_plugin
 from kvmagent.eip.naming import Patterns
 
 PUBLIC_NET = ipaddress.IPv4Network("198.51.100.0/24")
@@ -511,7 +514,32 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return predicate()
 
 
+# ----- fixtures shared by the EIP test modules (imported by name into each) ----------------
+@pytest.fixture
+def world():
+    """A built test world with VM 0; destroyed whatever the test did."""
+    w = World()
+    try:
+        w.build()
+        w.add_vm(0)
+        yield w
+    finally:
+        w.destroy()
+
+
+@pytest.fixture
+def eip_agent(make_agent, world):
+    """``await eip_agent()``: an agent with the host and EIP plugins, EIP names prefixed with
+    the world's random prefix. Called again in one test, it shares the state dir (restart)."""
+    async def factory(**settings):
+        return await make_agent(plugins=[host_plugin.plugin,
+                                         make_plugin(prefix=world.prefix, **settings)])
+    return factory
+
+
 __all__ = [
+    "eip_agent",
+    "world",
     "async_wait_for",
     "CLIENT_IP",
     "CLIENT_IP6",

@@ -8,7 +8,6 @@ import secrets
 import subprocess
 
 import pytest
-from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
@@ -41,27 +40,6 @@ DELETE = "/flatnetworkprovider/eip/delete"
 BATCH_APPLY = "/flatnetworkprovider/eip/batchapply"
 BATCH_DELETE = "/flatnetworkprovider/eip/batchdelete"
 SYNC = "/flatnetworkprovider/eip/sync"
-
-
-@pytest.fixture
-def world():
-    w = World()
-    try:
-        w.build()
-        w.add_vm(0)
-        yield w
-    finally:
-        w.destroy()
-
-
-@pytest.fixture
-def eip_agent(make_agent, world):
-    """``await eip_agent()``: an agent with the host and EIP plugins, EIP names prefixed with
-    the world's random prefix. Called again in one test, it shares the state dir (restart)."""
-    async def factory(**settings):
-        return await make_agent(plugins=[host_plugin.plugin,
-                                         make_plugin(prefix=world.prefix, **settings)])
-    return factory
 
 
 def manager(agent):
