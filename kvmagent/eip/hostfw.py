@@ -161,12 +161,14 @@ class HostFirewall:
             old = self.wanted[version].get(spec.eip_uuid)
             self.wanted[version][spec.eip_uuid] = rules
             await self._ensure_base(version)
-            for rule in old or []:
-                if rule not in rules:
-                    await self._delete_rule(version, rule)
-            listed = set() if fresh else await self._listed(version)
-            for rule in rules:
-                if rule.line(version, self.chain) not in listed:
+            gone = [rule for rule in old or [] if rule not in rules]
+            if gone:
+                await self._delete_rules(version, gone)
+            listed = set() if fresh else set(await self._listed(version))
+            missing = [rule for rule in rules if rule.line(version, self.chain) not in listed]
+            if missing and not await self._restore(version, [["-A", self.chain, *r.argv(version)]
+                                                             for r in missing]):
+                for rule in missing:       # one by one: remakes a chain deleted meanwhile
                     await self._append(version, rule)
 
     async def _append(self, version: int, rule: Rule) -> None:
@@ -197,14 +199,32 @@ class HostFirewall:
                     await self._remove_locked(version, eip_uuid)
 
     async def _remove_locked(self, version: int, eip_uuid: str) -> None:
-        for rule in self.wanted[version].pop(eip_uuid):
-            await self._delete_rule(version, rule)
+        rules = self.wanted[version].pop(eip_uuid)
         if not self.wanted[version]:
-            await self._drop_base(version)
+            await self._drop_base(version)       # the chain goes with all its rules
+        else:
+            await self._delete_rules(version, rules)
 
-    async def _delete_rule(self, version: int, rule: Rule) -> None:
-        # One copy; a second one (left by a crash) makes the count wrong and check() rebuilds.
-        await self._run(version, "-D", self.chain, *rule.argv(version))
+    async def _delete_rules(self, version: int, rules: list[Rule]) -> None:
+        # One copy each; a second one (left by a crash) is found by check(), which rebuilds.
+        if await self._restore(version, [["-D", self.chain, *r.argv(version)] for r in rules]):
+            return
+        for rule in rules:       # some were missing (the batch is all or nothing): one by one
+            await self._run(version, "-D", self.chain, *rule.argv(version))
+
+    async def _restore(self, version: int, lines: list[list[str]]) -> bool:
+        """Run rule commands in one ``iptables-restore --noflush`` transaction (one process
+        instead of one per rule); False when it failed (nothing of it applied) or there is no
+        restore command. The argv lists hold validated names and addresses only (no blanks,
+        no quotes), so joining them with spaces is the restore format."""
+        cmd = self._command(version)
+        restore = shutil.which(f"{self.commands[version]}-restore")
+        if cmd is None or restore is None:
+            return False
+        text = "\n".join(["*filter", *(" ".join(line) for line in lines), "COMMIT", ""])
+        result = await run_process([*self._enter, restore, "--noflush", "-w", "10"],
+                                   timeout=self.timeout, input=text.encode())
+        return result.ok
 
     # ----- chain and jump ---------------------------------------------------------------
     async def _ensure_base(self, version: int) -> None:
@@ -274,10 +294,13 @@ class HostFirewall:
 
     async def _rebuild(self, version: int, eips: dict[str, list[Rule]]) -> None:
         await self._ensure_base(version)
+        rules = [rule for wanted in eips.values() for rule in wanted]
+        if await self._restore(version, [["-F", self.chain]] +
+                               [["-A", self.chain, *r.argv(version)] for r in rules]):
+            return
         await self._must(version, "-F", self.chain)
-        for rules in eips.values():
-            for rule in rules:
-                await self._must(version, "-A", self.chain, *rule.argv(version))
+        for rule in rules:
+            await self._must(version, "-A", self.chain, *rule.argv(version))
 
     async def watch(self, interval: float, ready: asyncio.Event | None = None) -> None:
         """Run :meth:`check` every ``interval`` seconds, forever (a background task), from
