@@ -210,7 +210,8 @@ def make_plugin(prefix: str = DEFAULT_PREFIX, **settings) -> Plugin:
         # Also without records: a chain left in the host firewall by a lost state dir goes.
         ctx.spawn(manager.restore(), "eip restore")
         if config.host_firewall and config.firewall_check > 0:
-            ctx.spawn(manager.firewall.watch(config.firewall_check), "eip host firewall check")
+            ctx.spawn(manager.firewall.watch(config.firewall_check, manager.restored),
+                      "eip host firewall check")
 
     @plugin.command("/flatnetworkprovider/eip/apply", mode=ASYNC)
     async def apply(ctx: AgentContext, req: EipCmd) -> AgentResponse:

@@ -14,6 +14,7 @@ from kvmagent.core.plugin import discover_plugins
 from kvmagent.core.server import CTX, create_app
 
 from .mnstub import MNStub, make_mn_app
+from .eip_world import eip_agent, world  # noqa: F401  (fixtures shared by the EIP tests)
 from .vmkit import guest_image, lv, workdir  # noqa: F401  (fixtures shared by the VM-based tests)
 
 
@@ -59,6 +60,7 @@ def agent_config(tmp_path: Path, **overrides: Any) -> AgentConfig:
         listen="127.0.0.1:0", state_dir=tmp_path / "state", libvirt_uri="qemu:///system",
         domain_type="qemu", models_root=tmp_path / "models", delivery_initial_backoff=0.05,
         delivery_max_backoff=0.2, delivery_retry_window=10, libvirt_reconnect_interval=0.5,
+        docker_daemon_json=tmp_path / "etc-docker" / "daemon.json",   # never the machine's
     )
     values.update(overrides)
     return AgentConfig(**values)

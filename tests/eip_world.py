@@ -23,6 +23,7 @@ host (read only).
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -35,10 +36,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvmagent.eip.hostfw import chain_name
+from kvmagent.plugins import host as host_plugin
+from kvmagent.plugins.eip import make_plugin
 from kvmagent.eip.naming import Patterns
 
 PUBLIC_NET = ipaddress.IPv4Network("198.51.100.0/24")
@@ -491,6 +495,16 @@ def root_link_exists(name: str) -> bool:
         return bool(ipr.link_lookup(ifname=name))
 
 
+async def async_wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """:func:`wait_for` on the event loop (the predicate reads the agent's own state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -500,7 +514,33 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return predicate()
 
 
+# ----- fixtures shared by the EIP test modules (imported by name into each) ----------------
+@pytest.fixture
+def world():
+    """A built test world with VM 0; destroyed whatever the test did."""
+    w = World()
+    try:
+        w.build()
+        w.add_vm(0)
+        yield w
+    finally:
+        w.destroy()
+
+
+@pytest.fixture
+def eip_agent(make_agent, world):
+    """``await eip_agent()``: an agent with the host and EIP plugins, EIP names prefixed with
+    the world's random prefix. Called again in one test, it shares the state dir (restart)."""
+    async def factory(**settings):
+        return await make_agent(plugins=[host_plugin.plugin,
+                                         make_plugin(prefix=world.prefix, **settings)])
+    return factory
+
+
 __all__ = [
+    "eip_agent",
+    "world",
+    "async_wait_for",
     "CLIENT_IP",
     "CLIENT_IP6",
     "World",

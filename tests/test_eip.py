@@ -8,7 +8,6 @@ import secrets
 import subprocess
 
 import pytest
-from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 
 from kvmagent.eip import nft as eipnft
@@ -23,6 +22,7 @@ from .eip_world import (
     FirewallLab,
     World,
     arp_ask,
+    async_wait_for,
     host_forward_drops,
     ns_nft_rules,
     ns_run,
@@ -40,27 +40,6 @@ DELETE = "/flatnetworkprovider/eip/delete"
 BATCH_APPLY = "/flatnetworkprovider/eip/batchapply"
 BATCH_DELETE = "/flatnetworkprovider/eip/batchdelete"
 SYNC = "/flatnetworkprovider/eip/sync"
-
-
-@pytest.fixture
-def world():
-    w = World()
-    try:
-        w.build()
-        w.add_vm(0)
-        yield w
-    finally:
-        w.destroy()
-
-
-@pytest.fixture
-def eip_agent(make_agent, world):
-    """``await eip_agent()``: an agent with the host and EIP plugins, EIP names prefixed with
-    the world's random prefix. Called again in one test, it shares the state dir (restart)."""
-    async def factory(**settings):
-        return await make_agent(plugins=[host_plugin.plugin,
-                                         make_plugin(prefix=world.prefix, **settings)])
-    return factory
 
 
 def manager(agent):
@@ -742,12 +721,12 @@ async def test_ipv6_eip_carries_tcp_through_dnat_and_snat(eip_agent, world, mn):
     assert obs.default_routes == [f"{body['vipGateway']}@{names.pub_ns}"]
     assert obs.neighbours == [(body["nicIp"], body["nicMac"])]
     fw = (await asyncio.to_thread(world.leftovers))["iptables"]
-    assert fw[4] is None and len(fw[6]) == 4 + 8, fw      # 4 address rules, 8 for ND
+    assert fw[4] is None and len(fw[6]) == 4 + 12, fw      # 4 address rules, 12 for ND
     await traffic6(world, body)
     # batchapply of the same EIP (host reconnect) keeps one copy and still carries traffic
     reply = await agent.call_async(mn, BATCH_APPLY, {"eips": [dict(body, skipArpCheck=False)]})
     assert reply["success"], reply
-    assert len((await asyncio.to_thread(world.leftovers))["iptables"][6]) == 12
+    assert len((await asyncio.to_thread(world.leftovers))["iptables"][6]) == 16
     await traffic6(world, body)
     reply = await agent.call_async(mn, BATCH_DELETE, {"eips": [body]})
     assert reply["success"], reply
@@ -825,12 +804,12 @@ DOCKERD_LOG = "/var/log/dockerd.log"
 
 
 def _restart_dockerd() -> None:
-    """Stop the running dockerd (SIGTERM, as its init would) and start it again as CI does;
-    returns once the engine answers."""
+    """Stop the running dockerd (SIGTERM, as its init would) and start it again the way
+    scripts/setup-host.sh does (``setsid dockerd`` with its output in /var/log/dockerd.log,
+    appended here so earlier logs stay); returns once the engine answers."""
     import os
     import shutil
     import signal
-    import time
 
     import psutil
     procs = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
@@ -842,39 +821,91 @@ def _restart_dockerd() -> None:
         proc.kill()
     dockerd = shutil.which("dockerd", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin")
     with open(DOCKERD_LOG, "ab") as log:
-        subprocess.Popen([dockerd], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if subprocess.run(["docker", "version"], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"dockerd did not come back; see {DOCKERD_LOG}")
+        subprocess.Popen(["setsid", dockerd], stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=subprocess.STDOUT)
+    if not wait_for(lambda: subprocess.run(["docker", "version"], capture_output=True)
+                    .returncode == 0, timeout=60, interval=0.5):
+        raise AssertionError(f"dockerd did not come back; see {DOCKERD_LOG}")
+
+
+def _forward(cmd: str = "iptables") -> list[str]:
+    return subprocess.run([cmd, "-w", "10", "-S", "FORWARD"], capture_output=True,
+                          check=True).stdout.decode().splitlines()
 
 
 async def test_eip_carries_traffic_after_docker_restarts(eip_agent, world):
-    """dockerd restarted (it rewrites its FORWARD chains and policy): the EIP still carries
-    IPv4 and IPv6 traffic, its host rules are all there. Under the machine's docker lock."""
+    """The real dockerd restarted (it puts its FORWARD chains and DROP policy back): once
+    docker's chains are back, the agent's jump and every host rule are there too and the EIP
+    carries IPv4 and IPv6 traffic. Under the machine's docker lock; needs a docker that
+    manages iptables (the simulated rewrite below runs everywhere)."""
     import fcntl
-    agent = await eip_agent(firewall_check=1.0)
+    if not await asyncio.to_thread(host_forward_drops):
+        pytest.skip("this host's docker does not manage iptables (nothing of ours to rewrite)")
+    agent = await eip_agent(firewall_check=0.2)
     v4, v6 = world.eip(0), world.eip6(1)
     assert (await agent.call(BATCH_APPLY, {"eips": [v4, v6]}))["success"]
     await traffic(world, v4)
+    jump = f"-A FORWARD -j {chain_name(world.prefix)}"
+
+    def all_back() -> bool:
+        forward = _forward()
+        fw = world.leftovers()["iptables"]
+        return ("-P FORWARD DROP" in forward and "-A FORWARD -j DOCKER-USER" in forward
+                and jump in forward and jump in _forward("ip6tables")
+                and sorted(fw[4] or []) == sorted(host_rules(world, v4))
+                and len(fw[6] or []) == 16)
+
     with open(DOCKER_LOCK, "a") as lock:
         await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
         try:
             await asyncio.to_thread(_restart_dockerd)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    await asyncio.sleep(2.5)         # two rounds of the agent's check
-    assert await asyncio.to_thread(host_forward_drops)       # docker's DROP is back
-    fw = (await asyncio.to_thread(world.leftovers))["iptables"]
-    assert sorted(fw[4]) == sorted(host_rules(world, v4)) and len(fw[6]) == 12, fw
+    assert await asyncio.to_thread(wait_for, all_back, 30), (_forward(), world.leftovers())
     await traffic(world, v4)
     await traffic6(world, v6)
     assert (await agent.call(BATCH_DELETE, {"eips": [v4, v6]}))["success"]
     left = await asyncio.to_thread(world.leftovers)
     assert left == {"netns": [], "links": [], "nft": [], "iptables": {4: None, 6: None}}, left
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+@pytest.mark.parametrize("version", [4, 6])
+async def test_docker_style_forward_rewrite_is_undone_by_the_check(world, backend, version):
+    """What a restarting dockerd does to FORWARD, in a lab host namespace: ``-F FORWARD``, a
+    ``DOCKER-USER`` chain jumped to from the top, policy DROP. The periodic check (every
+    20 ms here) notices, rebuilds, and the EIP's traffic passes again below docker's jump."""
+    body = world.eip6(0) if version == 6 else world.eip(0)
+    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()} | {"ip_version": version})
+    lab = FirewallLab(body, _names(world, body), backend)
+    chain, cmd = chain_name(world.prefix), lab.command(version)
+    watcher = None
+    try:
+        await asyncio.to_thread(lab.build)
+        fw = HostFirewall(world.prefix, netns=lab.host,
+                          commands={4: lab.command(4), 6: lab.command(6)})
+        await fw.add(spec, lab.names)
+        assert await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7821)
+        ready = asyncio.Event()
+        ready.set()
+        watcher = asyncio.create_task(fw.watch(0.02, ready))
+        rebuilds = fw.rebuilds
+        for args in (("-F", "FORWARD"), ("-N", "DOCKER-USER"), ("-A", "DOCKER-USER", "-j",
+                     "RETURN"), ("-I", "FORWARD", "1", "-j", "DOCKER-USER"),
+                     ("-P", "FORWARD", "DROP")):
+            await asyncio.to_thread(ns_run, lab.host, cmd, "-w", "10", *args)
+        assert await async_wait_for(lambda: fw.rebuilds > rebuilds)
+        assert await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7822)
+        assert await asyncio.to_thread(lab.passes, "eip", body["nicGateway"], "vm", 7823)
+        forward = (await asyncio.to_thread(ns_run, lab.host, cmd, "-w", "10", "-S", "FORWARD")
+                   ).stdout.decode().splitlines()
+        assert "-P FORWARD DROP" in forward and "-A FORWARD -j DOCKER-USER" in forward
+        assert f"-A FORWARD -j {chain}" in forward
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await asyncio.to_thread(lab.destroy)
 
 
 def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
@@ -905,6 +936,18 @@ def test_an_engine_the_agent_starts_does_not_manage_iptables(tmp_path):
     assert json.loads(path.read_text()) == {"iptables": True}
     path.write_text("{not json")
     assert keep_off_iptables(path) == "unreadable" and path.read_text() == "{not json"
+    # A symlinked file stays a symlink (its target gets the setting), a file keeps its mode.
+    import os
+    target = tmp_path / "conf" / "docker.json"
+    target.parent.mkdir()
+    target.write_text(json.dumps({"debug": True}))
+    target.chmod(0o600)
+    path.unlink()
+    path.symlink_to(target)
+    assert keep_off_iptables(path) == "added"
+    assert path.is_symlink() and os.readlink(path) == str(target)
+    assert json.loads(target.read_text()) == {"debug": True, "iptables": False}
+    assert target.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
@@ -936,6 +979,15 @@ async def test_host_rules_open_only_the_eips_traffic_on_either_backend(world, ba
         assert await paths() == (False, False, False)
         assert await fw.check() == [version]
         assert await paths() == (True, True, False)
+        assert await fw.check() == []                                  # intact: nothing to do
+        plen = 128 if version == 6 else 32                             # same count, other rule
+        await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10", "-R",
+                                chain_name(world.prefix), "1", "-d", f"{lab.extra}/{plen}",
+                                "-m", "physdev", "--physdev-out", lab.names.pub_host,
+                                "-j", "ACCEPT")
+        assert await paths() == (False, True, False)                # the VIP lost its rule
+        assert await fw.check() == [version]
+        assert await paths() == (True, True, False)
         await fw.remove(spec.eip_uuid)
         assert await paths() == (False, False, False)
         listed = await asyncio.to_thread(ns_run, lab.host, lab.command(version), "-w", "10",
@@ -963,3 +1015,66 @@ async def test_start_up_removes_host_rules_no_record_needs(eip_agent, world, mak
     await traffic(world, body)
     assert (await second.call(DELETE, {"eip": body}))["success"]
     await assert_gone(world, second, body)
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+async def test_apply_after_the_chain_was_deleted_behind_the_agents_back(world, backend):
+    """``iptables -F; -X`` (or a firewalld reload) removed the chain and its jump between two
+    checks: the next apply of the EIP (the MN re-applying it) succeeds and its traffic passes,
+    although the firewall remembered the chain as there."""
+    body = world.eip(0)
+    spec = EipSpec.from_dict({k: body[c] for k, c in _FIELDS.items()})
+    lab = FirewallLab(body, _names(world, body), backend)
+    chain, iptables = chain_name(world.prefix), lab.command(4)
+    try:
+        await asyncio.to_thread(lab.build)
+        fw = HostFirewall(world.prefix, netns=lab.host,
+                          commands={4: lab.command(4), 6: lab.command(6)})
+        await fw.add(spec, lab.names)
+        for args in (("-D", "FORWARD", "-j", chain), ("-F", chain), ("-X", chain)):
+            await asyncio.to_thread(ns_run, lab.host, iptables, "-w", "10", *args)
+        assert not await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7811)
+        await fw.add(spec, lab.names)
+        assert await asyncio.to_thread(lab.passes, "eip", body["vip"], "client", 7812)
+        listed = await asyncio.to_thread(ns_run, lab.host, iptables, "-w", "10", "-S")
+        assert sorted(line for line in listed.stdout.decode().splitlines()
+                      if line.startswith(f"-A {chain} ")) == sorted(host_rules(world, body))
+    finally:
+        await asyncio.to_thread(lab.destroy)
+
+
+async def test_firewall_check_waits_for_the_start_up_restore(eip_agent, world, monkeypatch):
+    """A restart with two EIPs where restoring the second is slow: while only the first is
+    restored, the periodic firewall check (every 20 ms here) must not take the chain, which
+    still holds both EIPs' rules from the last run, for changed and rebuild it without the
+    second (whose traffic would then be dropped until its restore ends)."""
+    from kvmagent.eip.manager import EipManager
+
+    await asyncio.to_thread(world.add_vm, 1)
+    first = await eip_agent()
+    a, b = world.eip(0), world.eip(1, vm=1)
+    assert (await first.call(BATCH_APPLY, {"eips": [a, b]}))["success"]
+    both = sorted(host_rules(world, a) + host_rules(world, b))
+    await first.client.close()
+
+    gate, settle = asyncio.Event(), EipManager._settle
+
+    async def slow_settle(self, eip_uuid: str, op: str) -> str:
+        if eip_uuid == b["eipUuid"]:
+            await gate.wait()
+        return await settle(self, eip_uuid, op)
+
+    monkeypatch.setattr(EipManager, "_settle", slow_settle)
+    second = await eip_agent(firewall_check=0.02)
+    fw = manager(second).firewall
+    assert await async_wait_for(lambda: a["eipUuid"] in fw.wanted[4])
+    await asyncio.sleep(0.5)         # 25 check intervals: time for the wrong rebuild
+    assert fw.rebuilds == 0
+    assert sorted((await asyncio.to_thread(world.leftovers))["iptables"][4]) == both
+    gate.set()
+    await asyncio.wait_for(manager(second).restored.wait(), 30)
+    assert fw.rebuilds == 0
+    assert sorted((await asyncio.to_thread(world.leftovers))["iptables"][4]) == both
+    await traffic(world, a)
+    await traffic(world, b, vm=1)
+    assert (await second.call(BATCH_DELETE, {"eips": [a, b]}))["success"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
@@ -376,10 +377,52 @@ async def test_prepare_installs_docker_when_allowed(make_agent, short_dir, docke
     agent = await make_agent(docker_url=url, dockerd_binary="dockerd-kvh-fake",
                              docker_install_allowed=True, docker_timeout=1,
                              docker_start_timeout=1)
+    real = machine_daemon_json()
     reply = await agent.call(PREPARE, {"hugepageNr": 0})
     assert calls.read_text().split() == ["install", "-y", "-q", "docker.io"]
     assert reply["success"] is False
     assert "is running but does not answer there" in reply["error"], reply
+    # The configured file (not the machine's) said "iptables": false before the install.
+    assert json.loads(agent.config.docker_daemon_json.read_text()) == {"iptables": False}
+    assert machine_daemon_json() == real
+
+
+@pytest.mark.docker
+async def test_failed_install_leaves_the_engine_config_as_it_was(make_agent, short_dir,
+                                                                 monkeypatch):
+    """apt-get fails (twice: before and after an update): the error says so, and the
+    engine's config file, given "iptables": false for the install, is as it was before:
+    absent stays absent, an operator's file keeps its bytes."""
+    import kvmagent.host.docker_engine as engine_mod
+
+    bin_dir = short_dir / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "apt-get"
+    fake.write_text("#!/bin/sh\necho 'E: no network' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(engine_mod, "SYSTEM_PATH", (str(bin_dir), "/usr/bin", "/bin"))
+    real = machine_daemon_json()
+    for before in (None, b'{"log-driver": "journald"}'):
+        daemon_json = short_dir / f"daemon-{before is None}.json"
+        if before is not None:
+            daemon_json.write_bytes(before)
+        agent = await make_agent(docker_url=f"unix://{short_dir}/nothing.sock",
+                                 dockerd_binary="dockerd-kvh-absent", docker_timeout=1,
+                                 docker_install_allowed=True, docker_daemon_json=daemon_json)
+        reply = await agent.call(PREPARE, {"hugepageNr": 0})
+        assert reply["success"] is False
+        assert "installing docker.io failed" in reply["error"], reply
+        assert (daemon_json.read_bytes() if daemon_json.exists() else None) == before
+        await agent.client.close()
+    assert machine_daemon_json() == real
+
+
+def machine_daemon_json() -> bytes | None:
+    """The machine's own docker config file, which no test may change."""
+    try:
+        return Path("/etc/docker/daemon.json").read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 @pytest.mark.hugepages
@@ -503,7 +546,7 @@ async def test_engine_start_checks_run_off_the_loop(short_dir, monkeypatch):
         return fn
 
     config = AgentConfig(docker_url=f"unix://{short_dir}/nothing.sock", docker_timeout=1,
-                         docker_start_timeout=0.3)
+                         docker_start_timeout=0.3, docker_daemon_json=short_dir / "daemon.json")
     runner = BlockingRunner({"default": 2})
     engine = DockerEngine(config, runner)
     monkeypatch.setattr(engine, "find_dockerd", noting("find", "/usr/bin/dockerd"))

@@ -109,6 +109,9 @@ class AgentConfig(BaseModel):
         60.0, gt=0, description="wait this long for the engine to answer after starting it")
     dockerd_binary: str = Field(
         "dockerd", description="dockerd name or path; its absence means docker is not installed")
+    docker_daemon_json: Path = Field(
+        Path("/etc/docker/daemon.json"), description="the engine's config file, where an engine "
+        "the agent starts through init or installs gets \"iptables\": false")
     dockerd_log_file: Path = Field(
         Path("/var/log/dockerd.log"), description="log of a dockerd the agent spawns itself")
     hugetlbfs_mount_point: Path = Field(

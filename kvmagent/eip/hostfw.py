@@ -19,21 +19,25 @@ What is added (per IP version, only while that version has EIPs)
         -m physdev --physdev-in  <ph> -s <vip>    -j ACCEPT    EIP -> public network
         -m physdev --physdev-out <vh> -s <nicIp>  -j ACCEPT    VM -> EIP namespace
         -m physdev --physdev-in  <vh> -d <nicIp>  -j ACCEPT    EIP namespace -> VM
-        IPv6 also: ICMPv6 neighbour solicitations/advertisements into and out of <ph>/<vh>
+        IPv6 also, into and out of <ph>/<vh>, the neighbour discovery the address rules miss
+        (link-local or unspecified sources): solicitations to solicited-node multicast
+        (ff02::1:ff00:0/104), advertisements to link-local addresses or all-nodes (ff02::1)
 
     Rules are argv lists made from validated values (no shell, no text template), run with
     ``-w`` (the xtables lock docker takes too).
 
 Keeping them there
-    apply adds an EIP's rules (``-C`` first, so twice is one copy), delete removes them, and
-    the last delete of a version removes the jump and the chain. :meth:`HostFirewall.check`
-    (start-up, sync, and every ``interval`` seconds) compares the jump and the number of
-    rules with what they should be and rebuilds the chain when someone rewrote the firewall
-    (docker restarted, firewalld reloaded, ``iptables -F``).
+    apply adds an EIP's rules (those not listed by ``-S`` yet, so twice is one copy), delete
+    removes them, and the last delete of a version removes the jump and the chain.
+    :meth:`HostFirewall.check` (after the start-up restore, at sync, and every ``interval``
+    seconds) compares the jump and the chain's rules, as ``-S`` prints them, with what they
+    should be and rebuilds the chain when someone rewrote the firewall (docker restarted,
+    firewalld reloaded, ``iptables -F``).
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import shutil
 from dataclasses import dataclass
@@ -46,7 +50,10 @@ from .spec import EipSpec
 log = logging.getLogger(__name__)
 
 COMMANDS = {4: "iptables", 6: "ip6tables"}
-ND_TYPES = ("neighbour-solicitation", "neighbour-advertisement")
+# ICMPv6 types (as -S prints them) and the destinations they may go to through a port.
+ND_SOLICIT, ND_ADVERT = 135, 136
+ND_RULES = ((ND_SOLICIT, "ff02::1:ff00:0/104"), (ND_ADVERT, "fe80::/10"),
+            (ND_ADVERT, "ff02::1/128"))
 
 
 def chain_name(prefix: str) -> str:
@@ -60,18 +67,23 @@ class Rule:
 
     port: str
     port_dir: str             # "in" | "out"
-    addr: str | None = None
+    addr: str | None = None   # an address or a network
     addr_dir: str = "d"       # "s" | "d"
-    nd: str | None = None     # ICMPv6 type name (IPv6 only)
+    nd: int | None = None     # ICMPv6 type (IPv6 only)
 
     def argv(self, version: int) -> list[str]:
         out: list[str] = []
         if self.addr is not None:
-            out += [f"-{self.addr_dir}", f"{self.addr}/{32 if version == 4 else 128}"]
+            # Written as -S prints it (compressed, with its length), so lines compare.
+            out += [f"-{self.addr_dir}", str(ipaddress.ip_network(self.addr, strict=False))]
         if self.nd is not None:
-            out += ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", self.nd]
+            out += ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", str(self.nd)]
         out += ["-m", "physdev", f"--physdev-{self.port_dir}", self.port, "-j", "ACCEPT"]
         return out
+
+    def line(self, version: int, chain: str) -> str:
+        """The rule as ``iptables -S`` lists it (on either backend)."""
+        return " ".join(["-A", chain, *self.argv(version)])
 
 
 def rules_for(spec: EipSpec, names: Names) -> list[Rule]:
@@ -79,8 +91,8 @@ def rules_for(spec: EipSpec, names: Names) -> list[Rule]:
     rules = [Rule(ph, "out", spec.vip, "d"), Rule(ph, "in", spec.vip, "s"),
              Rule(vh, "out", spec.nic_ip, "s"), Rule(vh, "in", spec.nic_ip, "d")]
     if spec.ip_version == 6:
-        rules += [Rule(port, way, nd=nd) for port in (ph, vh) for way in ("out", "in")
-                  for nd in ND_TYPES]
+        rules += [Rule(port, way, dest, "d", nd) for port in (ph, vh) for way in ("out", "in")
+                  for nd, dest in ND_RULES]
     return rules
 
 
@@ -129,8 +141,8 @@ class HostFirewall:
             return
         result = await run_process(self._argv(cmd, *args), timeout=self.timeout)
         if not result.ok:
-            raise AgentError(f"host firewall ({self.commands[version]} {' '.join(args[:2])} "
-                             f"{self.chain}): {result.describe()}")
+            raise AgentError(f"host firewall ({self.commands[version]} {' '.join(args[:2])}): "
+                             f"{result.describe()}")
 
     # ----- per EIP ----------------------------------------------------------------------
     async def add(self, spec: EipSpec, names: Names, *, fresh: bool = False) -> None:
@@ -149,12 +161,29 @@ class HostFirewall:
             old = self.wanted[version].get(spec.eip_uuid)
             self.wanted[version][spec.eip_uuid] = rules
             await self._ensure_base(version)
-            for rule in old or []:
-                if rule not in rules:
-                    await self._delete_rule(version, rule)
-            for rule in rules:
-                if fresh or not await self._run(version, "-C", self.chain, *rule.argv(version)):
-                    await self._must(version, "-A", self.chain, *rule.argv(version))
+            gone = [rule for rule in old or [] if rule not in rules]
+            if gone:
+                await self._delete_rules(version, gone)
+            listed = set() if fresh else set(await self._listed(version))
+            missing = [rule for rule in rules if rule.line(version, self.chain) not in listed]
+            if missing and not await self._restore(version, [["-A", self.chain, *r.argv(version)]
+                                                             for r in missing]):
+                for rule in missing:       # one by one: remakes a chain deleted meanwhile
+                    await self._append(version, rule)
+
+    async def _append(self, version: int, rule: Rule) -> None:
+        """Append one rule; when that fails the cached "chain is there" may be stale (a
+        firewalld reload or ``iptables -F; -X`` since the last check), so the chain and jump
+        are made again and the append tried once more."""
+        try:
+            await self._must(version, "-A", self.chain, *rule.argv(version))
+        except AgentError as exc:
+            if version not in self._base_ok:
+                raise
+            log.warning("%s; making the chain and its jump again", exc)
+            self._base_ok.discard(version)
+            await self._ensure_base(version)
+            await self._must(version, "-A", self.chain, *rule.argv(version))
 
     async def remove(self, eip_uuid: str, spec: EipSpec | None = None,
                      names: Names | None = None) -> None:
@@ -170,14 +199,32 @@ class HostFirewall:
                     await self._remove_locked(version, eip_uuid)
 
     async def _remove_locked(self, version: int, eip_uuid: str) -> None:
-        for rule in self.wanted[version].pop(eip_uuid):
-            await self._delete_rule(version, rule)
+        rules = self.wanted[version].pop(eip_uuid)
         if not self.wanted[version]:
-            await self._drop_base(version)
+            await self._drop_base(version)       # the chain goes with all its rules
+        else:
+            await self._delete_rules(version, rules)
 
-    async def _delete_rule(self, version: int, rule: Rule) -> None:
-        # One copy; a second one (left by a crash) makes the count wrong and check() rebuilds.
-        await self._run(version, "-D", self.chain, *rule.argv(version))
+    async def _delete_rules(self, version: int, rules: list[Rule]) -> None:
+        # One copy each; a second one (left by a crash) is found by check(), which rebuilds.
+        if await self._restore(version, [["-D", self.chain, *r.argv(version)] for r in rules]):
+            return
+        for rule in rules:       # some were missing (the batch is all or nothing): one by one
+            await self._run(version, "-D", self.chain, *rule.argv(version))
+
+    async def _restore(self, version: int, lines: list[list[str]]) -> bool:
+        """Run rule commands in one ``iptables-restore --noflush`` transaction (one process
+        instead of one per rule); False when it failed (nothing of it applied) or there is no
+        restore command. The argv lists hold validated names and addresses only (no blanks,
+        no quotes), so joining them with spaces is the restore format."""
+        cmd = self._command(version)
+        restore = shutil.which(f"{self.commands[version]}-restore")
+        if cmd is None or restore is None:
+            return False
+        text = "\n".join(["*filter", *(" ".join(line) for line in lines), "COMMIT", ""])
+        result = await run_process([*self._enter, restore, "--noflush", "-w", "10"],
+                                   timeout=self.timeout, input=text.encode())
+        return result.ok
 
     # ----- chain and jump ---------------------------------------------------------------
     async def _ensure_base(self, version: int) -> None:
@@ -227,27 +274,41 @@ class HostFirewall:
                 self.rebuilds += 1
         return rebuilt
 
-    async def _intact(self, version: int, eips: dict[str, list[Rule]]) -> bool:
-        if not await self._run(version, "-C", "FORWARD", "-j", self.chain):
-            return False
+    async def _listed(self, version: int) -> list[str]:
+        """The chain's rules as ``-S`` prints them (empty: no chain, or no command)."""
         cmd = self._command(version)
-        assert cmd is not None
+        if cmd is None:
+            return []
         listed = await run_process(self._argv(cmd, "-S", self.chain), timeout=self.timeout)
         if not listed.ok:
+            return []
+        return [line for line in listed.stdout.decode().splitlines() if line.startswith("-A ")]
+
+    async def _intact(self, version: int, eips: dict[str, list[Rule]]) -> bool:
+        """The jump is in FORWARD and the chain holds exactly the wanted rules, once each."""
+        if not await self._run(version, "-C", "FORWARD", "-j", self.chain):
             return False
-        # "-S" prints the "-N" line and one "-A" line per rule: compare the counts only.
-        count = sum(1 for line in listed.stdout.decode().splitlines() if line.startswith("-A "))
-        return count == sum(len(rules) for rules in eips.values())
+        listed = await self._listed(version)
+        wanted = [rule.line(version, self.chain) for rules in eips.values() for rule in rules]
+        return sorted(listed) == sorted(wanted)
 
     async def _rebuild(self, version: int, eips: dict[str, list[Rule]]) -> None:
         await self._ensure_base(version)
+        rules = [rule for wanted in eips.values() for rule in wanted]
+        if await self._restore(version, [["-F", self.chain]] +
+                               [["-A", self.chain, *r.argv(version)] for r in rules]):
+            return
         await self._must(version, "-F", self.chain)
-        for rules in eips.values():
-            for rule in rules:
-                await self._must(version, "-A", self.chain, *rule.argv(version))
+        for rule in rules:
+            await self._must(version, "-A", self.chain, *rule.argv(version))
 
-    async def watch(self, interval: float) -> None:
-        """Run :meth:`check` every ``interval`` seconds, forever (a background task)."""
+    async def watch(self, interval: float, ready: asyncio.Event | None = None) -> None:
+        """Run :meth:`check` every ``interval`` seconds, forever (a background task), from
+        when ``ready`` is set: before the start-up restore has put every recorded EIP back
+        into ``wanted``, the chain (still holding the last run's rules) would look changed
+        and be rebuilt without the EIPs not restored yet, dropping their traffic."""
+        if ready is not None:
+            await ready.wait()
         while True:
             await asyncio.sleep(interval)
             try:

@@ -19,8 +19,9 @@ Bringing the engine up (:meth:`DockerEngine.ensure_running`):
 
 An engine the agent starts or installs itself does not manage iptables, as ZStack's agent
 requires: a dockerd it spawns gets ``--iptables=false``; before ``systemctl start docker``, the
-``docker_start_command`` or an install, ``/etc/docker/daemon.json`` gets ``"iptables": false``
-(:func:`keep_off_iptables`). Either only when the config file says nothing about iptables (the
+``docker_start_command`` or an install, the engine's config file (``docker_daemon_json``,
+``/etc/docker/daemon.json``) gets ``"iptables": false`` (:func:`keep_off_iptables`; put back as
+it was when the install fails). Either only when the config file says nothing about iptables (the
 operator's choice is kept). Why: a dockerd managing iptables sets the FORWARD policy to DROP,
 and with br_netfilter (which ZStack turns on for security groups) that drops every bridged VM
 frame. The vhost target runs with host networking, so it needs no docker NAT. An engine that
@@ -62,7 +63,6 @@ T = TypeVar("T")
 
 DEFAULT_URL = "unix:///var/run/docker.sock"
 SYSTEMD_MARKER = Path("/run/systemd/system")
-DAEMON_JSON = Path("/etc/docker/daemon.json")
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 INSTALL_TIMEOUT = 900.0
 POLL_INTERVAL = 0.3
@@ -136,11 +136,11 @@ class DockerEngine:
     """One agent's view of the local docker engine (held in ``ctx.services``)."""
 
     def __init__(self, config: AgentConfig, runner: BlockingRunner, *,
-                 systemd_marker: Path = SYSTEMD_MARKER, daemon_json: Path = DAEMON_JSON):
+                 systemd_marker: Path = SYSTEMD_MARKER):
         self.config = config
         self.runner = runner
         self.systemd_marker = systemd_marker
-        self.daemon_json = daemon_json
+        self.daemon_json = Path(config.docker_daemon_json)
         self._api_version: str | None = None  # negotiated once, then reused
         self._lock = asyncio.Lock()
         self._spawned: subprocess.Popen | None = None
@@ -232,8 +232,15 @@ class DockerEngine:
                         f"docker is not installed on this host ({self.config.dockerd_binary} not "
                         f"found); install docker.io, or set docker_install_allowed = true to let "
                         f"the agent install it")
+                previous = await self._local(lambda: read_config(self.daemon_json),
+                                             "daemon.json")
                 await self._local(lambda: keep_off_iptables(self.daemon_json), "daemon.json")
-                await self.install()
+                try:
+                    await self.install()
+                except Exception:   # nothing installed: the config file goes back as it was
+                    await self._local(lambda: put_back(self.daemon_json, previous),
+                                      "daemon.json")
+                    raise
                 dockerd = await self._local(self.find_dockerd, "dockerd lookup")
                 if dockerd is None:
                     raise AgentError(f"installed docker.io but {self.config.dockerd_binary} is "
@@ -346,14 +353,49 @@ def keep_off_iptables(path: Path) -> str:
         return "kept"
     outcome = "created" if current is None else "added"
     data = dict(current or {}, iptables=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.kvmagent")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    write_config(path, (json.dumps(data, indent=2) + "\n").encode())
     log.info("%s: \"iptables\": false %s (docker must not drop bridged VM traffic)", path,
              outcome)
     return outcome
+
+
+def read_config(path: Path) -> bytes | None:
+    """The config file's bytes (None: there is none), for :func:`put_back`."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def put_back(path: Path, previous: bytes | None) -> None:
+    """Undo :func:`keep_off_iptables`: the file as :func:`read_config` saw it, or none."""
+    if previous is None:
+        Path(os.path.realpath(path)).unlink(missing_ok=True)
+    else:
+        write_config(path, previous)
+
+
+def write_config(path: Path, data: bytes) -> None:
+    """Replace the file atomically and durably (temp file and directory fsynced). A symlink
+    stays one (its target is replaced), an existing file keeps its mode (new: 0644)."""
+    target = Path(os.path.realpath(path))
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o644
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.kvmagent")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
+        os.fchmod(fh.fileno(), mode)          # not narrowed by the umask
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _env(apt: bool = False) -> dict[str, str]:

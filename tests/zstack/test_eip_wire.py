@@ -18,8 +18,7 @@ import secrets
 
 import pytest
 from pyroute2 import IPRoute
-from kvmagent.plugins import host as host_plugin
-from kvmagent.plugins.eip import EipTO, make_plugin
+from kvmagent.plugins.eip import EipTO
 
 from kvmagent.eip.naming import mac_for
 
@@ -70,19 +69,8 @@ def eip_to(world: World, i: int, vm: int = 0, version: int = 4, **over) -> dict:
 
 
 @pytest.fixture
-def world():
-    w = World()
-    try:
-        w.build()
-        w.add_vm(0)
-        yield w
-    finally:
-        w.destroy()
-
-
-@pytest.fixture
-async def agent(make_agent, world):
-    return await make_agent(plugins=[host_plugin.plugin, make_plugin(prefix=world.prefix)])
+async def agent(eip_agent):
+    return await eip_agent()
 
 
 async def carries(world: World, body: dict) -> None:
