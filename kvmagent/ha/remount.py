@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..core import mounttable
 from ..core.blocking import run_process
 from ..core.context import AgentContext
+from ..core.logs import mask_text
 
 if TYPE_CHECKING:
     from .fencer import FencerConfig
@@ -45,7 +46,9 @@ class Remounter:
         self.last_at: float | None = None
         self._task: asyncio.Task | None = None
 
-    def after_fence(self, spared_vm_uuids: list[str]) -> None:
+    def after_fence(self, spared_vm_uuids: list[str] | None) -> None:
+        """``spared_vm_uuids``: VMs left running on the storage; None when nobody knows which
+        VMs use it (then it is not unmounted: a VM may still run on it)."""
         if self._task is None or self._task.done():
             self._task = self.ctx.spawn(self._run(spared_vm_uuids),
                                         name=f"remount {self.cfg.ps_uuid}")
@@ -55,15 +58,18 @@ class Remounter:
             self._task.cancel()
 
     def _note(self, outcome: str) -> None:
-        self.last, self.last_at = outcome, time.time()
-        log.warning("selffencer %s: %s", self.cfg.ps_uuid, outcome)
+        self.last, self.last_at = mask_text(outcome), time.time()
+        log.warning("selffencer %s: %s", self.cfg.ps_uuid, mask_text(outcome))
 
-    async def _run(self, spared: list[str]) -> None:
+    async def _run(self, spared: list[str] | None) -> None:
         cfg = self.cfg
         if not cfg.url:
             self._note("mountedByZStack but no url: not remounting")
             return
-        if spared and cfg.strategy == "Permissive":
+        if spared is None:
+            self._note(f"keeping the mount {cfg.mount_path}: which VMs use it is unknown (see "
+                       "fenceError), and some may still run on it")
+        elif spared and cfg.strategy == "Permissive":
             self._note(f"keeping the mount {cfg.mount_path}: VMs spared by Permissive still use "
                        f"it ({', '.join(spared)})")
         elif mounttable.mount_at(cfg.mount_path) is not None:
