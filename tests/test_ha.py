@@ -12,6 +12,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from kvmagent.core import mounttable
 from kvmagent.ha.fencer import FencerConfig, detection_bounds, storage_kill_set
 from kvmagent.ha.inventory import VmRecord
 from kvmagent.ha.killer import exiting, qemu_process
@@ -395,6 +396,38 @@ async def test_a_storage_zstack_mounted_is_remounted_after_a_fence(make_agent, m
         assert os.path.ismount(mount_path)
         state = (await fencer_states(agent))["ps-m"]
         assert state["state"] == "Healthy" and state["remount"].startswith("remounted")
+    finally:
+        for path in (mount_path, mount_path, export):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+async def test_a_storage_whose_users_are_unknown_is_not_unmounted_after_a_fence(make_agent, mn, workdir):
+    """libvirt unreachable: nobody knows which VMs still run on the storage, so the fence must
+    not ``umount -f``/``-l`` it under them (it stays mounted, read-only as it went)."""
+    export, mount_path = workdir / "export", workdir / "ps"
+    export.mkdir()
+    mount_path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmagent-test", str(export)],
+                   check=True, timeout=30)
+    subprocess.run(["mount", "--bind", str(export), str(mount_path)], check=True, timeout=30)
+    try:
+        agent = await connected_agent(make_agent, mn,
+                                      libvirt_uri="qemu:///system?socket=/nonexistent/sock")
+        body = {**setup_body({"ps-k": mount_path}, "Force", interval=0.2), "urls": [str(export)],
+                "mountedByZStack": [True], "mountOptions": ["bind"]}
+        await agent.call_async(mn, "/ha/selffencer/setup", body)
+        # Still mounted but failing (read-only): the mount must stay for the VMs using it.
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount_path)], check=True, timeout=30)
+        await mn.wait_report(FENCER, timeout=20)
+        deadline = time.monotonic() + 20
+        while not (state := (await fencer_states(agent))["ps-k"])["remount"]:
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.2)
+        assert "which VMs use it is unknown" in state["remount"], state
+        assert "cannot tell" in state["fenceError"]
+        await asyncio.sleep(1)
+        mount = mounttable.mount_at(mount_path)
+        assert mount is not None and mount.readonly, "the storage was unmounted under its VMs"
     finally:
         for path in (mount_path, mount_path, export):
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
