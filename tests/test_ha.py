@@ -357,7 +357,7 @@ def test_a_stale_pid_file_never_kills_another_process(tmp_path):
     (lambda b: b.update(mountPaths=[]), "uuids (1) and mountPaths (0) must have the same length"),
     (lambda b: b.pop("mountPaths"), "field 'mountPaths'"),
     (lambda b: b.update(uuids=["a", "b"]), "must have the same length"),
-    (lambda b: b.update(strategy="Kill"), "field 'strategy'"),
+    (lambda b: b.update(strategy=["Force"]), "field 'strategy'"),
     (lambda b: b.update(mountPaths=["relative"]), "field 'mountPaths.0'"),
     (lambda b: b.update(interval=0), "field 'interval'"),
     (lambda b: b.update(urls=["a", "b"]), "urls (2) must be empty or as long as uuids"),

@@ -103,6 +103,8 @@ async def test_no_fence_while_the_nic_has_carrier(make_agent, mn, storages, busi
     while manager.inventory.taken_at is None:  # the first refresh would replace the stand-in
         await asyncio.sleep(0.1)
     manager.inventory.snapshot = {"vm1": VmRecord("vm1", (), False, True, (f"br_{nic}",))}
+    checks = manager.nic_fencer.checks
     await asyncio.sleep(1.5)
+    assert manager.nic_fencer.checks - checks >= 3, "the NIC was not checked"
     assert manager.nic_fencer.running and manager.nic_fencer.last_error is None
     assert manager.nic_fencer.down_counts == {}

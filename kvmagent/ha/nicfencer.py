@@ -64,6 +64,7 @@ class NicFencer:
         self.down_counts: dict[str, int] = {}
         self.killed: dict[str, set[str]] = {}  # nic -> VMs killed in this outage
         self.last_error: str | None = None
+        self.checks = 0  # completed link checks since the agent started
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -105,6 +106,7 @@ class NicFencer:
                     if self._stopping:
                         return
                     await self.check(cfg, links)
+                    self.checks += 1
                     self.last_error = None
                 except asyncio.CancelledError:
                     raise
