@@ -43,6 +43,10 @@ async def _stop(ctx: AgentContext) -> None:
 
 
 KNOWN_FENCERS = (HOST_STORAGE_STATE, HOST_BUSINESS_NIC)
+# Never a storage's mount path: with Force and mountedByZStack a fence would umount -f them.
+SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
+                         "/lib64", "/libx32", "/media", "/mnt", "/opt", "/proc", "/root", "/run",
+                         "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"})
 PEER_READ_MIN_TIMEOUT = 1.0  # one read of a peer's heartbeat gets at least this long
 
 
@@ -72,6 +76,10 @@ class SetupSelfFencerCmd(AgentRequest):
         if len(self.uuids) != len(self.mount_paths):
             raise ValueError(f"uuids ({len(self.uuids)}) and mountPaths ({len(self.mount_paths)}) "
                              "must have the same length")
+        for i, path in enumerate(self.mount_paths):
+            if path in SYSTEM_DIRS:
+                raise ValueError(f"mountPaths.{i}: {path} is a system directory, not the mount "
+                                 "path of a primary storage")
         for uuid in self.uuids:
             if not uuid or len(uuid) > 64 or not uuid.replace("-", "").isalnum():
                 raise ValueError(f"uuids: {uuid!r} is not a storage uuid")

@@ -359,6 +359,8 @@ def test_a_stale_pid_file_never_kills_another_process(tmp_path):
     (lambda b: b.update(uuids=["a", "b"]), "must have the same length"),
     (lambda b: b.update(strategy=["Force"]), "field 'strategy'"),
     (lambda b: b.update(mountPaths=["relative"]), "field 'mountPaths.0'"),
+    (lambda b: b.update(mountPaths=["/"]), "mountPaths.0: / is a system directory"),
+    (lambda b: b.update(mountPaths=["/var/"]), "mountPaths.0: /var is a system directory"),
     (lambda b: b.update(interval=0), "field 'interval'"),
     (lambda b: b.update(urls=["a", "b"]), "urls (2) must be empty or as long as uuids"),
     (lambda b: b.update(urls=["-o exec"]), "urls.0"),
@@ -431,6 +433,25 @@ async def test_a_storage_whose_users_are_unknown_is_not_unmounted_after_a_fence(
     finally:
         for path in (mount_path, mount_path, export):
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+async def test_a_fence_unmounts_only_what_was_mounted_from_the_url(make_agent, mn, storages):
+    """Force, mountedByZStack, but another file system is mounted at the path (not from
+    ``urls[0]``): it is not unmounted after the fence."""
+    storage = storages("ps")  # tmpfs "kvmagent-test", not 10.0.0.5:/nfs
+    agent = await connected_agent(make_agent, mn)
+    body = {**setup_body({"ps-o": storage}, "Force", interval=0.2), "urls": ["10.0.0.5:/nfs"],
+            "mountedByZStack": [True], "mountOptions": [""]}
+    await agent.call_async(mn, "/ha/selffencer/setup", body)
+    subprocess.run(["mount", "-o", "remount,ro", str(storage)], check=True, timeout=30)
+    await mn.wait_report(FENCER, timeout=20)
+    deadline = time.monotonic() + 20
+    while not (state := (await fencer_states(agent))["ps-o"])["remount"]:
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.2)
+    assert state["remount"].startswith(f"not unmounting {storage}: kvmagent-test is mounted"), state
+    mount = mounttable.mount_at(storage)
+    assert mount is not None and mount.source == "kvmagent-test"
 
 
 async def test_a_fence_before_any_mn_is_known_is_reported_once_one_is(make_agent, mn, workdir):

@@ -38,6 +38,11 @@ def mount_argv(url: str, mount_path: str, options: str) -> list[str]:
     return ["mount", *(["-o", options] if options else []), "--", url, mount_path]
 
 
+def from_url(entry: mounttable.MountEntry, url: str) -> bool:
+    """The mount comes from ``url`` (as the mount table shows NFS sources: ``host:/export``)."""
+    return entry.source.rstrip("/") == url.rstrip("/")
+
+
 class Remounter:
     def __init__(self, ctx: AgentContext, cfg: FencerConfig):
         self.ctx = ctx
@@ -72,7 +77,13 @@ class Remounter:
         elif spared and cfg.strategy == "Permissive":
             self._note(f"keeping the mount {cfg.mount_path}: VMs spared by Permissive still use "
                        f"it ({', '.join(spared)})")
-        elif mounttable.mount_at(cfg.mount_path) is not None:
+        elif (mounted := mounttable.mount_at(cfg.mount_path)) is not None:
+            if not from_url(mounted, cfg.url):
+                # Not the storage ZStack mounted there: someone else's file system, never ours to
+                # unmount (nor to mount over).
+                self._note(f"not unmounting {cfg.mount_path}: {mounted.source} is mounted there, "
+                           f"not {cfg.url}")
+                return
             await self._umount()
         while mounttable.mount_at(cfg.mount_path) is None:
             argv = mount_argv(cfg.url, cfg.mount_path, cfg.mount_options)
