@@ -66,7 +66,9 @@ class NicFencer:
         self.last_error: str | None = None
         self.checks = 0  # completed link checks since the agent started
         self._task: asyncio.Task | None = None
-        self._stopping = False
+        # The running loop's token: a loop runs while it is current, so a loop that outlived its
+        # stop (a lost cancellation) ends at its next step instead of running beside its successor.
+        self._token: object | None = None
 
     @property
     def running(self) -> bool:
@@ -76,16 +78,19 @@ class NicFencer:
         if cfg == self.cfg and (cfg is None or self.running):
             return
         await self.stop()
+        if cfg is None:  # no longer watched: an outage seen later is a new one
+            self.down_counts, self.killed = {}, {}
+        # A new configuration keeps the counts and the VMs killed per NIC: a NIC that stays down
+        # is one outage, and its VMs are not fenced again.
         self.cfg = cfg
         if cfg is not None:
-            self._stopping = False
-            self.down_counts, self.killed = {}, {}
-            self._task = self.ctx.spawn(self._loop(cfg), name="selffencer hostBusinessNic")
+            token = self._token = object()
+            self._task = self.ctx.spawn(self._loop(cfg, token), name="selffencer hostBusinessNic")
             log.info("hostBusinessNic fencer: every %gs, fencing after %d+1 down checks",
                      cfg.interval, cfg.max_attempts)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
+        self._token = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
             done, _ = await asyncio.wait({self._task}, timeout=timeout)
@@ -93,17 +98,17 @@ class NicFencer:
                 log.error("hostBusinessNic fencer did not stop within %gs", timeout)
         self._task = None
 
-    async def _loop(self, cfg: NicFencerConfig) -> None:
+    async def _loop(self, cfg: NicFencerConfig, token: object) -> None:
         ipr = None
         try:
-            while not self._stopping:
+            while self._token is token:
                 try:
                     if ipr is None:
                         ipr = pyroute2.AsyncIPRoute(**({"netns": self.netns} if self.netns else {}))
                     async with asyncio.timeout(NETLINK_TIMEOUT):
                         links = {link.get("ifname"): _link_up(link)
                                  async for link in await ipr.link("dump")}
-                    if self._stopping:
+                    if self._token is not token:
                         return
                     await self.check(cfg, links)
                     self.checks += 1
