@@ -136,7 +136,7 @@ class FakeInventory:
 
 
 def nic_fencer(monkeypatch, records, netns="kvtest-no-such-netns"):
-    from kvmagent.ha import nicfencer
+    from kvmagent.ha import killer, nicfencer
     from kvmagent.ha.rules import FencerRules
 
     class Memory:
@@ -149,7 +149,7 @@ def nic_fencer(monkeypatch, records, netns="kvtest-no-such-netns"):
         killed.append(uuid)
         return True, ""
 
-    monkeypatch.setattr(nicfencer, "kill_vm", kill_vm)
+    monkeypatch.setattr(killer, "kill_vm", kill_vm)
     return nicfencer.NicFencer(FakeCtx(), FakeInventory(records), FencerRules(Memory()), netns), killed
 
 

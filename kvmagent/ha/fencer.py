@@ -27,20 +27,20 @@ from typing import Literal
 
 from ..core.context import AgentContext
 from .inventory import VmInventory, VmRecord
-from .killer import kill_vm
+from .killer import HOOK_VMS_KILLED, kill_and_clean_up
+
+__all__ = ["HOOK_VMS_KILLED"]  # re-exported: plugins/eip.py registers its clean-up there
 from .probe import StorageProbe, device_of
 from .remount import Remounter
 from .rules import HOST_STORAGE_STATE, FencerRules
 
 log = logging.getLogger(__name__)
 
-HOOK_VMS_KILLED = "selffencer.vms_killed"
 REPORT_FENCER = "/kvm/reportselffencer"
 REPORT_STORAGE = "/kvm/reportstoragestatus"
 DISCONNECTED = "Disconnected"  # ZStack's first reportselffencer carries this as vmUuidsString
 
 HEALTHY, FAILING, FENCED, STOPPED, IDLE = "Healthy", "Failing", "Fenced", "Stopped", "Idle"
-HOOKS_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0  # a loop's own steps are bounded well below this
 PREVIOUS_FENCE_WAIT = 120.0
 
@@ -246,20 +246,10 @@ class Fencer:
         if spared:
             log.warning("selffencer %s (%s): sparing VMs on the storage (not allow-listed, no "
                         "enableHa, or block-listed): %s", cfg.ps_uuid, cfg.strategy, ", ".join(spared))
-        results = await asyncio.gather(*(kill_vm(self.ctx, vm.uuid) for vm in targets),
-                                       return_exceptions=True)  # one VM's error spares no other
-        outcomes = [(vm, r if isinstance(r, tuple) else (False, f"kill failed: {r!r}"))
-                    for vm, r in zip(targets, results, strict=True)]
-        killed = sorted(vm.uuid for vm, (stopped, _) in outcomes if stopped)
-        problems += [f"{vm.uuid}: {note}" for vm, (stopped, note) in outcomes if note]
+        killed, notes = await kill_and_clean_up(
+            self.ctx, [vm.uuid for vm in targets], f"selffencer {cfg.ps_uuid}",
+            f"({cfg.strategy} strategy; because heartbeats on {cfg.mount_path} failed "
+            f"{cfg.max_attempts} times; inventory from {source})")
+        problems += notes
         self.status.fenced_vm_uuids = killed
-        if killed:
-            log.error("selffencer %s: killed VMs %s (%s strategy; because heartbeats on %s failed "
-                      "%d times; inventory from %s)", cfg.ps_uuid, ", ".join(killed), cfg.strategy,
-                      cfg.mount_path, cfg.max_attempts, source)
-            try:  # clean-up (EIPs) must not hold the report back for ever
-                async with asyncio.timeout(HOOKS_TIMEOUT):
-                    problems += await self.ctx.run_hooks(HOOK_VMS_KILLED, killed)
-            except TimeoutError:
-                problems.append(f"clean-up hooks did not finish within {HOOKS_TIMEOUT:g}s")
         return on_storage, killed

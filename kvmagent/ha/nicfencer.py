@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..core.context import AgentContext
 from ..core.lazy import lazy_import
 from .inventory import VmInventory
-from .killer import kill_vm
+from .killer import kill_and_clean_up
 from .rules import HOST_BUSINESS_NIC, FencerRules
 
 pyroute2 = lazy_import("pyroute2")
@@ -157,29 +157,20 @@ class NicFencer:
             log.warning("hostBusinessNic fencer: sparing block-listed VMs %s", ", ".join(spared))
         if not targets:
             return
-        results = await asyncio.gather(*(kill_vm(self.ctx, uuid) for uuid in targets),
-                                       return_exceptions=True)
-        killed = []
-        for (uuid, nic), result in zip(targets.items(), results, strict=True):
-            if isinstance(result, tuple) and result[0]:
-                killed.append(uuid)
-                self.killed.setdefault(nic, set()).add(uuid)
-            else:
-                log.error("hostBusinessNic fencer: could not kill %s: %s", uuid, result)
-        if killed:
-            killed.sort()
-            log.error("hostBusinessNic fencer: killed VMs %s because NIC(s) %s lost their link "
-                      "for more than %d checks", ", ".join(killed), ", ".join(sorted(faulty)),
-                      cfg.max_attempts)
+        def report(killed: list[str]) -> None:
+            for uuid in killed:
+                self.killed.setdefault(targets[uuid], set()).add(uuid)
             self.ctx.reporter.report(REPORT_VM_FENCED, {
                 "hostUuid": cfg.host_uuid,
                 "values": [{"vmUuid": u, "fencerName": HOST_BUSINESS_NIC} for u in killed]},
                 wait_for_mn=True)
-            try:
-                async with asyncio.timeout(60):
-                    await self.ctx.run_hooks("selffencer.vms_killed", killed)
-            except TimeoutError:
-                log.error("hostBusinessNic fencer: clean-up hooks did not finish within 60s")
+
+        _, problems = await kill_and_clean_up(
+            self.ctx, list(targets), "hostBusinessNic fencer",
+            f"because NIC(s) {', '.join(sorted(faulty))} lost their link for more than "
+            f"{cfg.max_attempts} checks", before_hooks=report)
+        if problems:
+            log.error("hostBusinessNic fencer: %s", "; ".join(problems))
 
 
 def _link_up(link) -> bool:
