@@ -162,8 +162,8 @@ async def test_rules_survive_an_agent_restart_and_still_decide_the_fence(
 
 async def test_setup_replay_keeps_the_loop_and_changes_replace_it(make_agent, mn, workdir):
     agent = await connected_agent(make_agent, mn)
-    # A directory on the root file system: every heartbeat fails ("storage not mounted").
-    body = setup_body({"ps-a": workdir}, maxAttempts=1000, interval=0.2)
+    # An NFS mount path that is a bare directory: every heartbeat fails ("not mounted").
+    body = not_mounted_body("ps-a", workdir, maxAttempts=1000, interval=0.2)
     assert (await agent.call_async(mn, "/ha/selffencer/setup", body))["outcome"] == {"ps-a": "started"}
     fencer = agent.ctx.services["ha.fencers"].fencers["ps-a"]
     await asyncio.sleep(1.0)
