@@ -339,11 +339,19 @@ async def test_connected_is_reported_even_when_the_agent_restarted_during_the_ou
     await mn.wait_report("/kvm/reportstoragestatus", lambda b: b["psStatus"] == "Disconnected",
                          timeout=20)
     await first.client.close()
-    subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(storage)], check=True, timeout=30)
-    await make_agent()  # restores the fencer, which must remember the MN was told Disconnected
+    decoy = storage.parent / "decoy"  # holds the device number the old mount had
+    decoy.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(decoy)], check=True, timeout=30)
+    try:
+        # Mounted again, on another device: taken, as the fence is over and it is a mount point.
+        subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(storage)], check=True, timeout=30)
+        await make_agent()  # restores the fencer, which must remember the MN was told Disconnected
+    finally:
+        subprocess.run(["umount", "-l", str(decoy)], timeout=30)
     connected = await mn.wait_report("/kvm/reportstoragestatus",
                                      lambda b: b["psStatus"] == "Connected", timeout=20)
     assert connected["psUuids"] == ["ps-o"]
+    assert len(mn.reports_for("/kvm/reportselffencer")) == 1, "fenced again after the restart"
 
 
 def test_a_stale_pid_file_never_kills_another_process(tmp_path):

@@ -161,15 +161,18 @@ class Fencer:
         vm_uuids = [vm.uuid for vm in self.inventory.vms_on(cfg.mount_path)]
         result = await self.probe.write_heartbeat(
             cfg.mount_path, cfg.host_uuid, vm_uuids, cfg.storage_checker_timeout,
-            must_be_mount=cfg.mounted_by_zstack, device=self.device)
+            must_be_mount=cfg.mounted_by_zstack, device=self.device,
+            adopt=self.status.state == FENCED or self.disconnected_reported)  # after a fence
         if self._stopping:
             return
         status = self.status
         if result.ok:
-            if self.device is None and not cfg.mounted_by_zstack:
-                self.device = device_of(result)
-                log.info("selffencer %s: %s is on device %s; another device later fails the "
-                         "heartbeat", cfg.ps_uuid, cfg.mount_path, self.device)
+            device = device_of(result)
+            if not cfg.mounted_by_zstack and device != self.device:
+                log.warning("selffencer %s: %s is on device %s%s; another device later fails the "
+                            "heartbeat", cfg.ps_uuid, cfg.mount_path, device,
+                            "" if self.device is None else f" (was {self.device}: mounted again)")
+                self.device = device
                 self._on_change()
             recovered = status.state in (FAILING, FENCED) or self.disconnected_reported
             status.state, status.consecutive_failures = HEALTHY, 0

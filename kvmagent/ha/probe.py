@@ -26,11 +26,13 @@ HEARTBEAT_DIR = "zs-heartbeat"
 #   unmounted path is a bare directory, whatever file system holds it.
 # - any other storage (local, shared mount point) may be a plain directory, even on /: the
 #   device its first good heartbeat saw is kept, and a different one fails ("unmounted").
+#   After a fence (``adopt``), a different device that is a mount point of its own (not the
+#   directory under an unmounted storage) is taken: the storage was mounted again.
 # Only the heartbeat directory is ever created, never the mount path. On success the child
 # prints the device number of the mount path.
 _WRITE = r"""
 import os, re, sys
-mount, directory, name, data, must_be_mount, expected = sys.argv[1:7]
+mount, directory, name, data, must_be_mount, expected, adopt = sys.argv[1:8]
 data = data.encode()
 st = os.stat(mount)
 if must_be_mount == "1":
@@ -44,7 +46,8 @@ if must_be_mount == "1":
                          for line in fh)
         if not listed:
             sys.exit(f"{mount} is not a mount point: the storage is not mounted")
-elif expected and st.st_dev != int(expected):
+elif expected and st.st_dev != int(expected) and not (
+        adopt == "1" and st.st_dev != os.stat(os.path.join(mount, "..")).st_dev):
     sys.exit(f"{mount} is on another file system (device {st.st_dev}) than at its first "
              f"heartbeat (device {expected}): the storage is not mounted")
 try:
@@ -146,14 +149,16 @@ class StorageProbe:
 
     async def write_heartbeat(self, mount_path: str, host_uuid: str, vm_uuids: list[str],
                               timeout: float, *, must_be_mount: bool = False,
-                              device: int | None = None) -> ProbeResult:
+                              device: int | None = None, adopt: bool = False) -> ProbeResult:
         """Write the heartbeat. ``must_be_mount``: fail unless the path is a mount point;
-        ``device``: fail unless the path is on that device. On success ``output`` holds the
+        ``device``: fail unless the path is on that device (``adopt``: or is a mount point of
+        another one). On success ``output`` holds the
         path's device number (see :func:`device_of`)."""
         payload = heartbeat_bytes(sorted(vm_uuids)).decode()
         return await self._run([_WRITE, mount_path, os.path.join(mount_path, HEARTBEAT_DIR),
                                 heartbeat_name(host_uuid), payload, "1" if must_be_mount else "0",
-                                "" if device is None else str(device)], timeout)
+                                "" if device is None else str(device), "1" if adopt else "0"],
+                               timeout)
 
     async def read(self, path: str, timeout: float) -> ProbeResult:
         return await self._run([_READ, path], timeout)
