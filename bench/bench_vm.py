@@ -23,9 +23,21 @@ COUNT = 500
 ROUNDS = 5
 
 
+def _gone(exc: libvirt.libvirtError) -> bool:
+    """Another user's domain vanished between the list and the call (a shared libvirtd)."""
+    return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
+
 def direct_vmsync(conn: libvirt.virConnect) -> dict[str, int]:
     """The obvious loop: list, then ask each domain its state."""
-    return {dom.name(): dom.state()[0] for dom in conn.listAllDomains()}
+    states = {}
+    for dom in conn.listAllDomains():
+        try:
+            states[dom.name()] = dom.state()[0]
+        except libvirt.libvirtError as exc:
+            if not _gone(exc):
+                raise
+    return states
 
 
 def direct_reconcile(conn: libvirt.virConnect, wanted: set[str]) -> int:
@@ -33,9 +45,13 @@ def direct_reconcile(conn: libvirt.virConnect, wanted: set[str]) -> int:
     changed = 0
     for dom in conn.listAllDomains():
         want = dom.name() in wanted
-        if read_ha_flag(dom) != want:
-            write_ha_flag(dom, want)
-            changed += 1
+        try:
+            if read_ha_flag(dom) != want:
+                write_ha_flag(dom, want)
+                changed += 1
+        except libvirt.libvirtError as exc:
+            if not _gone(exc):
+                raise
     return changed
 
 

@@ -43,7 +43,14 @@ services() {
     systemctl start virtlogd libvirtd docker
     return
   fi
-  # No systemd: start the daemons by hand. virtlogd first, or domain starts fail.
+  # No systemd: do what it does at boot, then start the daemons by hand. systemd mounts
+  # hugetlbfs at /dev/hugepages (dev-hugepages.mount); libvirtd looks for hugetlbfs mounts only
+  # when it starts, so without this no hugepage-backed VM could start here.
+  if ! awk '$3 == "hugetlbfs" {found=1} END {exit !found}' /proc/mounts; then
+    mkdir -p /dev/hugepages
+    mount -t hugetlbfs hugetlbfs /dev/hugepages
+  fi
+  # virtlogd first, or domain starts fail.
   running virtlogd || virtlogd -d
   running libvirtd || libvirtd -d
   wait_for 30 virsh -c qemu:///system version || { log "libvirtd did not come up"; return 1; }

@@ -205,13 +205,13 @@ async def test_a_refused_report_holds_up_only_its_own_stream(make_agent, mn):
     await agent.call("/host/connect", {"hostUuid": "h1", "sendCommandUrl": mn.send_command_url})
     mn.refuse_commandpath = "/kvm/reportvmstate"
     agent.ctx.reporter.report("/kvm/reportvmstate", {"vmUuid": "v1", "vmState": "Running"})
-    agent.ctx.reporter.report("/kvm/reportvmstate", {"vmUuid": "v1", "vmState": "Stopped"})
+    agent.ctx.reporter.report("/kvm/reportvmstate", {"vmUuid": "v1", "vmState": "Shutdown"})
     agent.ctx.reporter.report("/kvm/reportselffencer", {"psUuids": ["ps1"], "vmUuidsString": "v2"})
     await mn.wait_report("/kvm/reportselffencer")
     assert mn.reports_for("/kvm/reportvmstate") == []
     mn.refuse_commandpath = None
-    await mn.wait_report("/kvm/reportvmstate", lambda b: b["vmState"] == "Stopped")
-    assert [b["vmState"] for b in mn.reports_for("/kvm/reportvmstate")] == ["Running", "Stopped"]
+    await mn.wait_report("/kvm/reportvmstate", lambda b: b["vmState"] == "Shutdown")
+    assert [b["vmState"] for b in mn.reports_for("/kvm/reportvmstate")] == ["Running", "Shutdown"]
 
 
 async def test_callback_retried_until_the_mn_accepts(tagent, mn):
@@ -344,8 +344,8 @@ async def test_reports_to_one_mn_keep_their_order_through_an_outage(make_agent, 
     agent = await make_agent()
     await agent.call("/host/connect", {"hostUuid": "h1", "sendCommandUrl": mn.send_command_url})
     mn.fail_next = 4
-    for state in ["Running", "Paused", "Running", "Stopped"]:
+    for state in ["Running", "Paused", "Running", "Shutdown"]:
         agent.ctx.reporter.report("/kvm/reportvmstate", {"vmUuid": "v1", "vmState": state})
     assert await agent.ctx.outbox.drain(10)
     assert [b["vmState"] for b in mn.reports_for("/kvm/reportvmstate")] == \
-        ["Running", "Paused", "Running", "Stopped"]
+        ["Running", "Paused", "Running", "Shutdown"]

@@ -54,7 +54,7 @@ async def test_graceful_stop_shuts_the_guest_down_through_acpi(vm_agent, mn, lv,
     assert "KVMAGENT-GUEST-POWEROFF" in vm.console.text(), "guest did not see the ACPI power button"
     assert domain(lv[0], vm.uuid) is None
     states = await vm_agent.call("/vm/vmstate", {"vmUuids": [vm.uuid]})
-    assert states["states"] == {vm.uuid: "Stopped"}
+    assert states["states"] == {vm.uuid: "Shutdown"}
 
 
 async def test_force_stop_destroy_and_idempotence(vm_agent, mn, lv, guest_image, workdir):
@@ -79,14 +79,14 @@ async def test_pause_resume_and_state_sync(vm_agent, mn, lv, guest_image, workdi
     vm = await boot_vm(vm_agent, mn, lv, guest_image, workdir)
     assert (await vm_agent.call_async(mn, "/vm/pause", {"uuid": vm.uuid}))["state"] == "Paused"
     assert domain(lv[0], vm.uuid).state()[0] == libvirt.VIR_DOMAIN_PAUSED
-    sync = await vm_agent.call("/vm/vmsync")
-    assert sync["states"][vm.uuid] == "Paused"
+    sync = await vm_agent.call_async(mn, "/vm/vmsync", {})
+    assert sync["states"][vm.uuid] == "Paused" and vm.uuid not in sync["vmInShutdowns"]
     assert (await vm_agent.call_async(mn, "/vm/resume", {"uuid": vm.uuid}))["state"] == "Running"
     beats = vm.console.count("KVMAGENT-GUEST-ALIVE")
     await vm.console.wait_for("KVMAGENT-GUEST-ALIVE", occurrences=beats + 1, timeout=30)
     missing = uuidlib.uuid4().hex
     states = await vm_agent.call("/vm/vmstate", {"vmUuids": [vm.uuid, missing]})
-    assert states["states"] == {vm.uuid: "Running", missing: "Stopped"}
+    assert states["states"] == {vm.uuid: "Running", missing: "Shutdown"}
 
 
 async def test_changes_made_outside_the_agent_are_reported_and_reboots_are_not(
@@ -101,10 +101,10 @@ async def test_changes_made_outside_the_agent_are_reported_and_reboots_are_not(
     await vm.console.wait_for(BOOT_MARKER, occurrences=2)
     dom.destroy()  # e.g. the qemu process was killed
     stopped = await mn.wait_report("/kvm/reportvmstate",
-                                   lambda b: b["vmUuid"] == vm.uuid and b["vmState"] == "Stopped")
-    assert stopped == {"hostUuid": "host-1", "vmUuid": vm.uuid, "vmState": "Stopped"}
+                                   lambda b: b["vmUuid"] == vm.uuid and b["vmState"] == "Shutdown")
+    assert stopped == {"hostUuid": "host-1", "vmUuid": vm.uuid, "vmState": "Shutdown"}
     states = [b["vmState"] for b in mn.reports_for("/kvm/reportvmstate") if b["vmUuid"] == vm.uuid]
-    assert states == ["Paused", "Running", "Stopped"], "the reboot must not be reported as a stop"
+    assert states == ["Paused", "Running", "Shutdown"], "the reboot must not be reported as a stop"
 
 
 async def test_enable_ha_update_reconcile_and_restart(make_agent, vm_agent, mn, lv, guest_image, workdir):
@@ -174,3 +174,97 @@ async def test_symlink_out_of_the_roots_is_refused(vm_agent, lv, guest_image, wo
     reply = await vm_agent.call("/vm/start", body)
     assert reply["success"] is False
     assert "resolves to /etc/shadow, outside the allowed roots" in reply["error"]
+
+
+# -- StartVmCmd -> domain XML, field by field (unit tests: a stand-in for the path checks) ---
+class PathsAsGiven:
+    """VmService's path and bridge checks, accepting everything (the real ones are tested
+    above and in tests/zstack/test_vm_wire.py)."""
+
+    def check_path(self, path, what, must_exist=True):
+        return path
+
+    def check_block(self, path, what):
+        return path
+
+    def check_bridge(self, bridge):
+        pass
+
+
+def rendered(**fields):
+    import xml.etree.ElementTree as ET
+
+    from kvmagent.vm.build import build_domain
+    from plugins.vm import StartVmCmd
+
+    body = {"vmInstanceUuid": "0b42630f37d8417480eced62ad89719f", "cpuNum": 2,
+            "memory": 2**30, "rootVolume": {"installPath": "/zstack_ps/r.qcow2"}, **fields}
+    cmd = StartVmCmd.model_validate(body)
+    return ET.fromstring(build_domain(PathsAsGiven(), cmd, "kvm", "0.0.0.0", "/tmp/c").to_xml())
+
+
+@pytest.mark.parametrize("fields, hugepages, access", [
+    ({}, False, None),
+    ({"MemAccess": "shared"}, False, "shared"),
+    ({"useHugePage": True, "MemAccess": "private"}, True, None),
+    ({"useHugePage": True, "MemAccess": "shared"}, True, "shared"),
+])
+def test_use_huge_page_and_mem_access(fields, hugepages, access):
+    backing = rendered(**fields).find("memoryBacking")
+    if not hugepages and access is None:
+        assert backing is None
+        return
+    assert (backing.find("hugepages") is not None) == hugepages
+    assert (backing.find("access").get("mode") if backing.find("access") is not None else None) == access
+
+
+def test_use_numa_leaves_room_for_cpu_hotplug():
+    root = rendered(useNuma=True, maxVcpuNum=8)
+    assert (root.find("vcpu").text, root.find("vcpu").get("current")) == ("8", "2")
+
+
+def test_q35_cdroms_sata_and_volume_buses():
+    root = rendered(machineType="q35", cdRoms=[{"isEmpty": True, "deviceId": 0}],
+                    dataVolumes=[{"installPath": "/zstack_ps/d1.qcow2", "useVirtio": False,
+                                  "deviceId": 1, "wwn": "0x000fb964dbc7a10a"},
+                                 {"installPath": "/zstack_ps/d2.qcow2", "useVirtioSCSI": True,
+                                  "deviceId": 2}],
+                    bootDev=["cdrom", "hd"], nestedVirtualization="host-passthrough")
+    targets = [(d.get("device"), d.find("target").get("dev"), d.find("target").get("bus"))
+               for d in root.findall("devices/disk")]
+    assert targets == [("disk", "vda", "virtio"), ("disk", "sda", "sata"), ("disk", "sdb", "scsi"),
+                       ("cdrom", "sdc", "sata")]
+    assert root.find("devices/disk[2]/wwn").text == "0x000fb964dbc7a10a"
+    assert root.find("devices/controller[@type='scsi']").get("model") == "virtio-scsi"
+    assert [b.get("dev") for b in root.findall("os/boot")] == ["cdrom", "hd"]
+    assert root.find("cpu").get("mode") == "host-passthrough"
+
+
+def test_a_disabled_nic_has_its_link_down_and_queues():
+    root = rendered(nics=[{"mac": "fa:62:4a:61:6c:00", "bridgeName": "br_eth0", "state": "disable",
+                           "nicInternalName": "vnic1.0", "vHostAddOn": {"queueNum": 4}}])
+    assert root.find("devices/interface/link").get("state") == "down"
+    assert root.find("devices/interface/driver").get("queues") == "4"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bootMode": "UEFI_WITH_CSM"}, "bootMode 'UEFI_WITH_CSM' is not supported"),
+    ({"bootMode": "UEFI", "secureBoot": True}, "secure boot needs machineType q35"),
+    ({"nics": [{"mac": "fa:62:4a:61:6c:00", "type": "VF"}]}, "NIC type 'VF' is not supported"),
+    ({"socketNum": 1, "cpuOnSocket": 1}, "must equal cpuNum (2)"),
+    ({"cdRoms": [{"path": "ceph://pool/iso"}]}, "only ISO files on a file system"),
+])
+def test_what_this_agent_cannot_build_fails_clearly(fields, message):
+    from kvmagent.core.errors import AgentError
+
+    with pytest.raises(AgentError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rendered(**fields)
+
+
+def test_block_volumes_by_wwn_as_zu_names_them():
+    root = rendered(dataVolumes=[{"deviceType": "block", "installPath": "block://0x5000C500A1B2C3D4",
+                                  "deviceId": 1}])
+    disk = root.find("devices/disk[@type='block']")
+    assert disk.find("source").get("dev") == "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"
+    assert disk.find("driver").get("type") == "raw"
+    assert root.find("devices/disk[@type='file']/driver").get("type") == "qcow2"

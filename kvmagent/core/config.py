@@ -55,10 +55,26 @@ class AgentConfig(BaseModel):
     delivery_max_backoff: float = Field(30.0, gt=0, description="longest retry delay")
 
     # VMs.
+    # ZStack's primary storages: NFS mounts under /opt/zstack/nfsprimarystorage, local and
+    # shared-mount-point storages wherever the user points their URL (docs: /zstack_ps, /mnt/...).
     vm_path_roots: list[Path] = Field(
-        [Path("/var/lib/libvirt"), Path("/var/lib/kvmagent"), Path("/opt"), Path("/mnt"),
-         Path("/srv"), Path("/data")],
-        description="volumes, kernels and console logs of VMs must resolve inside these")
+        [Path("/var/lib/libvirt"), Path("/var/lib/kvmagent"), Path("/var/lib/zstack"),
+         Path("/opt"), Path("/zstack_ps"), Path("/mnt"), Path("/srv"), Path("/data")],
+        description="volumes, ISOs, kernels, console logs and guest-agent sockets of VMs must "
+        "resolve inside these (add the URL of each local or shared-mount-point primary storage)")
+    vm_block_roots: list[Path] = Field(
+        [Path("/dev/disk/by-id"), Path("/dev/disk/by-path"), Path("/dev/mapper")],
+        description="volumes of deviceType block must be named inside these (the name, not its "
+        "target: by-id links point at /dev/sdX) and be block devices not mounted on the host")
+    vm_console_log_dir: Path = Field(
+        Path("/var/log/kvmagent/console"),
+        description="consoleLogToFile: <dir>/<vmUuid>-vm-kernel.log (written by virtlogd)")
+    iptables_command: list[str] = Field(
+        ["iptables"], description="argv prefix that runs iptables for ConnectCmd.iptablesRules "
+        "(e.g. iptables-legacy)")
+    vm_vnc_listen: str = Field(
+        "0.0.0.0", description="address VNC consoles listen on (the MN's console proxy connects "
+        "to the host's management IP)")
     vm_state_report_debounce: float = Field(
         2.0, ge=0, description="seconds a VM's state must settle before it is reported")
     vm_stop_default_timeout: float = Field(

@@ -81,6 +81,7 @@ class LibvirtManager:
         self._listeners: dict[int, list[EventCallback]] = {}
         self._registered: dict[int, int] = {}  # event id -> libvirt callback id
         self._reconnect_hooks: list[Callable[[], Any]] = []
+        self._hook_tasks: set[asyncio.Task] = set()  # async reconnect hooks still running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: asyncio.Task | None = None
         self._closed = False
@@ -95,6 +96,9 @@ class LibvirtManager:
         if self._watcher:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in self._hook_tasks:  # a hook must not outlive the connection (or the loop)
+            task.cancel()
+        await asyncio.gather(*self._hook_tasks, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -179,7 +183,9 @@ class LibvirtManager:
         for hook in self._reconnect_hooks:
             result = hook()
             if asyncio.iscoroutine(result):
-                self._loop.create_task(result)
+                task = self._loop.create_task(result)
+                self._hook_tasks.add(task)
+                task.add_done_callback(self._hook_tasks.discard)
 
     def _open_conn(self) -> libvirt.virConnect:
         conn = libvirt.open(self.uri)

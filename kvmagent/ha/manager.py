@@ -78,9 +78,13 @@ class FencerManager:
 
     async def restore(self) -> None:
         self.rules.load()  # before any fencer can fence
-        # Not a list of records: set aside with a log line; a record with bad fields: skipped.
+        # Not a list of records: set aside with a log line. A record with bad fields: the
+        # document is set aside too (for a human), and the good records run on (re-saved).
         docs = self.ctx.state.load(STATE_DOC, [], check=conforms(list[dict])) or []
         restored = [r for r in map(config_from_doc, docs) if r is not None]
+        if len(restored) < len(docs):
+            self.ctx.state.quarantine(STATE_DOC, f"holds {len(docs) - len(restored)} record(s) "
+                                      f"of another shape ({len(restored)} restored)")
         self._disconnected = {cfg.ps_uuid for cfg, disconnected, _ in restored if disconnected}
         self._devices = {cfg.ps_uuid: (cfg.mount_path, dev) for cfg, _, dev in restored
                          if dev is not None}

@@ -272,6 +272,18 @@ class HugePages:
                                     f"{error.strerror or error}")
             return self._read_pool(pool, host)
 
+    # -- the host-wide commands (/host/enable|disable/hugepage) ----------------------------
+    def fill_memory_but(self, page_size: str, reserve: int) -> PoolState:
+        """Every byte of memory but ``reserve`` as ``page_size`` pages (ZU's formula), pages in
+        use counted; grows by the shortfall or fails leaving the pool as it was."""
+        page = PAGE_SIZES_KB[page_size] * 1024
+        target = (psutil.virtual_memory().total - reserve) // page
+        return self.ensure(page_size, max(target - self.read(page_size).in_use, 0))
+
+    def release_free(self, page_size: str) -> PoolState:
+        """Give back every available page of the host pool (pages in use stay)."""
+        return self.release(page_size, self.read(page_size).available)
+
 
 def _check_count(count: int) -> None:
     if not 0 <= count <= MAX_COUNT:

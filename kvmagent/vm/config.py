@@ -23,29 +23,60 @@ def sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> 
 @dataclass
 class Disk:
     path: str
-    target: str  # vda, vdb...
+    target: str  # vda, sdb, hdc...
     format: Literal["qcow2", "raw"] = "qcow2"
     readonly: bool = False
+    bus: Literal["virtio", "scsi", "sata", "ide"] = "virtio"
+    device: Literal["disk", "cdrom"] = "disk"
+    cache: str | None = None  # the MN's cacheMode ("none")
+    io_native: bool = False
+    shareable: bool = False
+    serial: str | None = None  # the volume uuid: how the guest (and the MN) tells disks apart
+    wwn: str | None = None
+    block: bool = False  # a block device (deviceType block), else a file
 
     def render(self, devices: ET.Element) -> None:
-        disk = sub(devices, "disk", type="file", device="disk")
-        sub(disk, "driver", name="qemu", type=self.format)
-        sub(disk, "source", file=self.path)
-        sub(disk, "target", dev=self.target, bus="virtio")
-        if self.readonly:
+        disk = sub(devices, "disk", type="block" if self.block else "file", device=self.device)
+        io = "native" if self.io_native and self.cache in ("none", "directsync") else None
+        sub(disk, "driver", name="qemu", type=self.format, cache=self.cache, io=io)
+        if self.path and self.block:
+            sub(disk, "source", dev=self.path)
+        elif self.path:  # an empty CD-ROM drive has no source
+            sub(disk, "source", file=self.path)
+        sub(disk, "target", dev=self.target, bus=self.bus)
+        if self.serial:
+            sub(disk, "serial", self.serial)
+        if self.wwn and self.bus in ("scsi", "ide", "sata"):  # libvirt: no wwn on virtio-blk
+            sub(disk, "wwn", self.wwn)
+        if self.readonly or self.device == "cdrom":
             sub(disk, "readonly")
+        if self.shareable:
+            sub(disk, "shareable")
 
 
 @dataclass
 class BridgeNic:
     mac: str
     bridge: str
+    model: str = "virtio"
+    tap: str | None = None  # the MN's nicInternalName (vnic<vmInternalId>.<deviceId>)
+    mtu: int | None = None
+    queues: int | None = None
+    link_up: bool = True
 
     def render(self, devices: ET.Element) -> None:
         nic = sub(devices, "interface", type="bridge")
         sub(nic, "mac", address=self.mac)
         sub(nic, "source", bridge=self.bridge)
-        sub(nic, "model", type="virtio")
+        if self.tap:
+            sub(nic, "target", dev=self.tap)
+        sub(nic, "model", type=self.model)
+        if self.queues and self.queues > 1 and self.model == "virtio":
+            sub(nic, "driver", name="vhost", queues=str(self.queues))
+        if self.mtu:
+            sub(nic, "mtu", size=str(self.mtu))
+        if not self.link_up:
+            sub(nic, "link", state="down")
 
 
 @dataclass
@@ -114,6 +145,26 @@ class DirectKernel:
 
 
 @dataclass
+class Topology:
+    sockets: int
+    cores: int
+    threads: int = 1
+
+
+@dataclass
+class GuestAgentChannel:
+    """The QGA virtio-serial channel; ``path`` None lets libvirt choose the socket."""
+    path: str | None = None
+    name: str = "org.qemu.guest_agent.0"
+
+
+@dataclass
+class Vnc:
+    listen: str = "0.0.0.0"
+    password: str | None = None
+
+
+@dataclass
 class Domain:
     uuid: str
     name: str
@@ -121,13 +172,30 @@ class Domain:
     vcpus: int
     memory_kib: int
     domain_type: Literal["kvm", "qemu"] = "kvm"
-    memory_backing: Literal["default", "memfd-shared", "hugepages"] = "default"
+    memory_backing: Literal["default", "memfd-shared", "hugepages", "hugepages-private"] = "default"
     enable_ha: bool = False
     disks: list[Disk] = field(default_factory=list)
     nics: list[BridgeNic] = field(default_factory=list)
     kernel: DirectKernel | None = None
-    console_log: str | None = None
+    console_log: str | None = None  # serial console written to this file (extension)
+    console_pty_log: str | None = None  # pty serial console also logged here (consoleLogToFile)
     filesystems: list[VirtiofsShare] = field(default_factory=list)
+    max_vcpus: int | None = None  # more than vcpus: CPU hot-plug room (the MN's useNuma)
+    topology: Topology | None = None
+    machine: str = "pc"
+    clock: Literal["utc", "localtime"] = "utc"
+    boot: list[str] = field(default_factory=lambda: ["hd"])  # libvirt boot devs, in order
+    boot_menu_timeout_ms: int | None = None
+    cpu_mode: str | None = None  # host-model, host-passthrough, custom; None: hypervisor default
+    cpu_model: str | None = None
+    guest_agent: GuestAgentChannel = field(default_factory=GuestAgentChannel)
+    vnc: Vnc | None = None
+    video: str | None = None
+    cpu_shares: int | None = None
+    smbios_serial: str | None = None
+    smbios_asset_tag: str | None = None
+    uefi: bool = False  # libvirt picks the firmware (OVMF) from its descriptors
+    secure_boot: bool = False
 
     def render(self) -> ET.Element:
         dom = ET.Element("domain", {"type": self.domain_type})
@@ -138,10 +206,21 @@ class Domain:
         metadata.append(ha_metadata_element(self.enable_ha, qualified=True))
         sub(dom, "memory", str(self.memory_kib), unit="KiB")
         sub(dom, "currentMemory", str(self.memory_kib), unit="KiB")
-        sub(dom, "vcpu", str(self.vcpus), placement="static")
+        if self.max_vcpus and self.max_vcpus > self.vcpus:
+            sub(dom, "vcpu", str(self.max_vcpus), placement="static", current=str(self.vcpus))
+        else:
+            sub(dom, "vcpu", str(self.vcpus), placement="static")
+        if self.cpu_shares:
+            sub(sub(dom, "cputune"), "shares", str(self.cpu_shares))
         self._render_memory_backing(dom)
-        os_ = sub(dom, "os")
-        sub(os_, "type", "hvm", arch="x86_64", machine="pc")
+        self._render_sysinfo(dom)
+        os_ = sub(dom, "os", firmware="efi" if self.uefi else None)
+        if self.uefi:
+            firmware = sub(os_, "firmware")
+            sub(firmware, "feature", enabled="yes" if self.secure_boot else "no", name="secure-boot")
+            if self.secure_boot:
+                sub(firmware, "feature", enabled="yes", name="enrolled-keys")
+        sub(os_, "type", "hvm", arch="x86_64", machine=self.machine)
         if self.kernel:
             sub(os_, "kernel", self.kernel.kernel)
             if self.kernel.initrd:
@@ -149,19 +228,27 @@ class Domain:
             if self.kernel.cmdline:
                 sub(os_, "cmdline", self.kernel.cmdline)
         else:
-            sub(os_, "boot", dev="hd")
+            for dev in self.boot:
+                sub(os_, "boot", dev=dev)
+            if self.boot_menu_timeout_ms is not None:
+                sub(os_, "bootmenu", enable="yes", timeout=str(self.boot_menu_timeout_ms))
+        if self.smbios_serial or self.smbios_asset_tag:
+            sub(os_, "smbios", mode="sysinfo")
         features = sub(dom, "features")
         sub(features, "acpi")  # without ACPI nothing can be hot-plugged
         sub(features, "apic")
-        if self.domain_type == "kvm":
-            sub(dom, "cpu", mode="host-passthrough", check="none")
-        sub(dom, "clock", offset="utc")
+        if self.secure_boot:
+            sub(features, "smm", state="on")  # secure boot firmware runs in SMM
+        self._render_cpu(dom)
+        sub(dom, "clock", offset=self.clock)
         sub(dom, "on_poweroff", "destroy")
         sub(dom, "on_reboot", "restart")
         sub(dom, "on_crash", "destroy")
         devices = sub(dom, "devices")
         for disk in self.disks:
             disk.render(devices)
+        if any(d.bus == "scsi" for d in self.disks):
+            sub(devices, "controller", type="scsi", model="virtio-scsi")
         for nic in self.nics:
             nic.render(devices)
         for fs in self.filesystems:
@@ -172,20 +259,53 @@ class Domain:
             sub(serial, "target", port="0")
         else:
             serial = sub(devices, "serial", type="pty")
+            if self.console_pty_log:
+                sub(serial, "log", file=self.console_pty_log, append="on")
             sub(serial, "target", port="0")
         channel = sub(devices, "channel", type="unix")
-        sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+        if self.guest_agent.path:
+            sub(channel, "source", mode="bind", path=self.guest_agent.path)
+        sub(channel, "target", type="virtio", name=self.guest_agent.name)
+        if self.vnc:
+            sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=self.vnc.listen,
+                passwd=self.vnc.password)
+        if self.video:
+            sub(sub(devices, "video"), "model", type=self.video)
         return dom
+
+    def _render_cpu(self, dom: ET.Element) -> None:
+        mode = self.cpu_mode
+        if mode and self.domain_type != "kvm":
+            mode = None  # TCG cannot pass the host CPU through
+        if mode is None and self.topology is None:
+            return
+        cpu = sub(dom, "cpu", mode=mode, check="none" if mode else None)
+        if mode == "custom" and self.cpu_model:
+            sub(cpu, "model", self.cpu_model, fallback="allow")
+        if self.topology:
+            sub(cpu, "topology", sockets=str(self.topology.sockets), cores=str(self.topology.cores),
+                threads=str(self.topology.threads))
 
     def _render_memory_backing(self, dom: ET.Element) -> None:
         if self.memory_backing == "default":
             return
         backing = sub(dom, "memoryBacking")
-        if self.memory_backing == "hugepages":
+        if self.memory_backing.startswith("hugepages"):
             sub(backing, "hugepages")
+            sub(backing, "nosharepages")  # KSM cannot merge hugepages anyway
         else:
             sub(backing, "source", type="memfd")
-        sub(backing, "access", mode="shared")  # what lets virtiofs be hot-plugged later
+        if self.memory_backing != "hugepages-private":
+            sub(backing, "access", mode="shared")  # what lets virtiofs be hot-plugged later
+
+    def _render_sysinfo(self, dom: ET.Element) -> None:
+        if not (self.smbios_serial or self.smbios_asset_tag):
+            return
+        info = sub(dom, "sysinfo", type="smbios")
+        if self.smbios_serial:
+            sub(sub(info, "system"), "entry", self.smbios_serial, name="serial")
+        if self.smbios_asset_tag:
+            sub(sub(info, "chassis"), "entry", self.smbios_asset_tag, name="asset")
 
     def to_xml(self) -> str:
         return ET.tostring(self.render(), encoding="unicode")

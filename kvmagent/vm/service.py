@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import libvirt
+import psutil
 
 from ..core.context import AgentContext
 from ..core.errors import AgentError, NotFoundError
@@ -65,15 +67,20 @@ def write_ha_flag(dom: libvirt.virDomain, enable: bool) -> None:
                     HA_NAMESPACE, _metadata_flags(dom))
 
 
-def all_states(conn: libvirt.virConnect) -> dict[str, str]:
-    """name -> state for every domain, in one round trip where the driver allows."""
+def all_codes(conn: libvirt.virConnect) -> dict[str, int]:
+    """name -> libvirt state code for every domain, in one round trip where the driver allows."""
     try:
         stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
-        return {dom.name(): states.state_name(values.get("state.state", -1)) for dom, values in stats}
+        return {dom.name(): values.get("state.state", -1) for dom, values in stats}
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
             raise
-        return {dom.name(): states.state_name(dom.state()[0]) for dom in conn.listAllDomains()}
+        return {dom.name(): dom.state()[0] for dom in conn.listAllDomains()}
+
+
+def all_states(conn: libvirt.virConnect) -> dict[str, str]:
+    """name -> KvmVmState for every domain."""
+    return {name: states.state_name(code) for name, code in all_codes(conn).items()}
 
 
 def chunks(items: list, count: int) -> list[list]:
@@ -129,7 +136,11 @@ class VmService:
         return self._domain_type
 
     def check_path(self, path: str, what: str, must_exist: bool = True) -> str:
-        real = confine(path, self.config.vm_path_roots, what)
+        try:
+            real = confine(path, self.config.vm_path_roots, what)
+        except AgentError as exc:
+            raise AgentError(f"{exc}; to allow it, add its primary storage directory to "
+                             "vm_path_roots in the agent's configuration file") from None
         state = Path(os.path.realpath(self.config.state_dir))
         if real == state or state in real.parents:  # QEMU must never write the agent's state
             raise AgentError(f"{what}: {path} is inside the agent's state dir {state}")
@@ -137,40 +148,70 @@ class VmService:
             raise AgentError(f"{what}: {path} does not exist")
         return str(real)
 
+    def check_block(self, path: str, what: str) -> str:
+        """A block volume: named inside vm_block_roots, a block device, not mounted here."""
+        if not any(Path(path) == root or Path(root) in Path(path).parents
+                   for root in self.config.vm_block_roots):
+            allowed = ", ".join(str(r) for r in self.config.vm_block_roots)
+            raise AgentError(f"{what}: {path} is outside the block device roots ({allowed}); "
+                             "add its directory to vm_block_roots in the agent's configuration")
+        real = os.path.realpath(path)
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as exc:
+            raise AgentError(f"{what}: {path}: {exc.strerror}") from None
+        if not stat.S_ISBLK(mode):
+            raise AgentError(f"{what}: {path} ({real}) is not a block device")
+        for part in psutil.disk_partitions(all=True):
+            if part.device.startswith("/") and os.path.realpath(part.device) == real:
+                raise AgentError(f"{what}: {path} ({real}) is mounted on this host at "
+                                 f"{part.mountpoint}; refusing to give it to a VM")
+        return path
+
     def check_bridge(self, bridge: str) -> None:
         if not (Path(self.config.sysfs_root) / "class/net" / bridge / "bridge").is_dir():
             raise AgentError(f"nics: bridge {bridge} does not exist on this host")
 
     # -- lifecycle --------------------------------------------------------------------------
-    async def start_vm(self, spec: Domain) -> str:
+    async def start_vm(self, spec: Domain, paused: bool = False) -> tuple[str, str]:
+        """(KvmVmState, live domain XML); a running domain is left alone (its HA flag set)."""
         async with self.lock(spec.name):
             xml = spec.to_xml()
 
-            def start(conn: libvirt.virConnect) -> tuple[str, bool]:
+            def start(conn: libvirt.virConnect) -> tuple[str, bool, str]:
                 dom = _lookup(conn, spec.uuid)
                 if dom is not None and dom.isActive():
                     if read_ha_flag(dom) != spec.enable_ha:
                         write_ha_flag(dom, spec.enable_ha)
-                    return states.state_name(dom.state()[0]), False
+                    return states.state_name(dom.state()[0]), False, dom.XMLDesc(0)
                 dom = conn.defineXML(xml)
                 try:
-                    dom.create()
+                    dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
                 except libvirt.libvirtError:
                     dom.undefine()  # a failed start leaves nothing behind
                     raise
-                return states.state_name(dom.state()[0]), True
+                return states.state_name(dom.state()[0]), True, dom.XMLDesc(0)
 
-            state, created = await self.call(start, timeout=max(self.config.libvirt_call_timeout, 120))
+            try:
+                state, created, live = await self.call(
+                    start, timeout=max(self.config.libvirt_call_timeout, 120))
+            except AgentError as exc:
+                if "hugetlbfs" in str(exc):  # libvirtd looks for hugetlbfs mounts when it starts
+                    raise AgentError(
+                        f"useHugePage: {exc}; libvirtd knows no hugetlbfs mount: mount one (e.g. "
+                        "/dev/hugepages, as systemd does at boot) and restart libvirtd, or set "
+                        "hugetlbfs_mount in /etc/libvirt/qemu.conf") from None
+                raise
             self._set_known(spec.name, state)
             self._flag_changed(spec.name, spec.enable_ha)
             log.info("VM %s %s (%s)", spec.name, "started" if created else "already running", state)
-            return state
+            return state, live
 
     async def stop_vm(self, uuid: str, how: str, timeout: float) -> None:
         async with self.lock(uuid):
             dom = await self.call(_lookup, uuid)
             if dom is None:
-                self._set_known(uuid, states.STOPPED)
+                self._set_known(uuid, states.SHUTDOWN)
                 return
             if how == "grace" and await self.call(lambda c: dom.isActive()):
                 await self.call(lambda c: dom.shutdown())
@@ -180,7 +221,7 @@ class VmService:
                 if await self.call(lambda c: dom.isActive()):
                     log.warning("VM %s did not shut down within %gs; destroying it", uuid, timeout)
             await self.call(self._destroy_and_undefine, dom)
-            self._set_known(uuid, states.STOPPED)
+            self._set_known(uuid, states.SHUTDOWN)
 
     async def destroy_vm(self, uuid: str) -> None:
         await self.stop_vm(uuid, "force", 0)
@@ -220,12 +261,19 @@ class VmService:
             self._set_known(uuid, state if op != "reboot" else states.RUNNING)
             return state
 
+    async def sync_states(self) -> tuple[dict[str, str], list[str]]:
+        """(KvmVmState of every domain, the ones libvirt says are shutting down): vmsync."""
+        codes = await self.call(all_codes)
+        return ({name: states.state_name(code) for name, code in codes.items()},
+                sorted(name for name, code in codes.items() if states.is_shutting_down(code)))
+
     async def states_of(self, uuids: Iterable[str] | None = None) -> dict[str, str]:
+        """KvmVmState per VM; a VM with no domain here is Shutdown (what the MN expects)."""
         found = await self.call(all_states)
         if uuids is None:
             return found
         normal = {name.replace("-", "").lower(): state for name, state in found.items()}
-        return {u: found.get(u) or normal.get(u.replace("-", "").lower(), states.STOPPED) for u in uuids}
+        return {u: found.get(u) or normal.get(u.replace("-", "").lower(), states.SHUTDOWN) for u in uuids}
 
     # -- HA flag ----------------------------------------------------------------------------
     async def ha_flags(self) -> dict[str, bool]:
@@ -355,6 +403,6 @@ class VmService:
             self._known = {**current, **self._known}
             return
         for name in set(self._known) | set(current):
-            self._report_if_changed(name, current.get(name, states.STOPPED))
+            self._report_if_changed(name, current.get(name, states.SHUTDOWN))
 
 
