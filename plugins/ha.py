@@ -43,6 +43,11 @@ async def _stop(ctx: AgentContext) -> None:
 
 
 KNOWN_FENCERS = (HOST_STORAGE_STATE, HOST_BUSINESS_NIC)
+# Never a storage's mount path: with Force and mountedByZStack a fence would umount -f them.
+SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
+                         "/lib64", "/libx32", "/media", "/mnt", "/opt", "/proc", "/root", "/run",
+                         "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"})
+PEER_READ_MIN_TIMEOUT = 1.0  # one read of a peer's heartbeat gets at least this long
 
 
 class SetupSelfFencerCmd(AgentRequest):
@@ -52,7 +57,8 @@ class SetupSelfFencerCmd(AgentRequest):
     max_attempts: int = Field(ge=1, le=1000)
     storage_checker_timeout: float = Field(ge=0.5, le=3600,
                                            description="hard limit of one heartbeat write (>= 0.5)")
-    strategy: Literal["Force", "Permissive"] = "Permissive"
+    strategy: str | None = Field(None, max_length=64, description="Permissive; anything else, "
+                                 "null or absent: Force (as ZU's agent reads it)")
     # The MN always sends these lists, possibly empty (then nothing is set up, as in ZU).
     uuids: list[str] = Field(max_length=256, description="primary storage uuids")
     mount_paths: list[AbsPath] = Field(max_length=256, description="same order")
@@ -70,6 +76,10 @@ class SetupSelfFencerCmd(AgentRequest):
         if len(self.uuids) != len(self.mount_paths):
             raise ValueError(f"uuids ({len(self.uuids)}) and mountPaths ({len(self.mount_paths)}) "
                              "must have the same length")
+        for i, path in enumerate(self.mount_paths):
+            if path in SYSTEM_DIRS:
+                raise ValueError(f"mountPaths.{i}: {path} is a system directory, not the mount "
+                                 "path of a primary storage")
         for uuid in self.uuids:
             if not uuid or len(uuid) > 64 or not uuid.replace("-", "").isalnum():
                 raise ValueError(f"uuids: {uuid!r} is not a storage uuid")
@@ -167,8 +177,9 @@ class CheckVmStateCmd(AgentRequest):
     target_host_uuid: str = PsUuid
     mount_path: AbsPath
     interval: float = Field(2.0, ge=0.1, le=600)
-    times: int = Field(3, ge=1, le=100)
-    storage_checker_timeout: float = Field(5.0, ge=0.5, le=600)
+    times: int = Field(3, ge=0, le=100000)
+    # The MN fills this from successTimes (an int, may be 0): raised to PEER_READ_MIN_TIMEOUT.
+    storage_checker_timeout: float = Field(5.0, ge=0, le=600)
 
 
 class CheckVmStateRsp(AgentResponse):
@@ -282,8 +293,9 @@ async def setup_fencers(ctx: AgentContext, cmd: SetupSelfFencerCmd) -> SetupSelf
         if not found.ok:  # a hung storage is what the fencer is for: start it all the same
             log.warning("selffencer setup: cannot check %s now (%s); starting its fencer",
                         path, found.error)
+    strategy = "Permissive" if cmd.strategy == "Permissive" else "Force"  # ZU: != Permissive
     configs = [FencerConfig(ps, path, cmd.host_uuid, cmd.interval, cmd.max_attempts,
-                            cmd.storage_checker_timeout, cmd.strategy, urls[i], mounted[i],
+                            cmd.storage_checker_timeout, strategy, urls[i], mounted[i],
                             options[i], kinds)
                for i, (ps, path) in enumerate(zip(cmd.uuids, cmd.mount_paths, strict=True))]
     return SetupSelfFencerRsp(outcome=await manager.setup(configs))
@@ -364,7 +376,7 @@ async def check_vm_state(ctx: AgentContext, cmd: CheckVmStateCmd) -> CheckVmStat
     """Is another host's heartbeat on this storage still advancing? With its VM uuids."""
     probe = ctx.services[FENCERS].probe_for(cmd.mount_path)  # one stuck child per storage at most
     verdict = await check_peer(probe, cmd.mount_path, cmd.target_host_uuid, cmd.times,
-                               cmd.interval, cmd.storage_checker_timeout)
+                               cmd.interval, max(cmd.storage_checker_timeout, PEER_READ_MIN_TIMEOUT))
     return CheckVmStateRsp(result={cmd.primary_storage_uuid: verdict.alive},
                            vm_uuids=verdict.vm_uuids, reason=verdict.reason)
 

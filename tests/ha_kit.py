@@ -50,6 +50,12 @@ def setup_body(storages: dict[str, Path], strategy: str = "Permissive", **timing
             "uuids": list(storages), "mountPaths": [str(p) for p in storages.values()]}
 
 
+def not_mounted_body(ps_uuid: str, path: Path, **timing) -> dict:
+    """Setup of a storage ZStack mounted (NFS), whose mount path is a bare directory: every
+    heartbeat fails ("not a mount point"). No url: nothing is remounted after the fence."""
+    return {**setup_body({ps_uuid: path}, **timing), "mountedByZStack": [True]}
+
+
 async def connected_agent(make_agent, mn, **config):
     agent = await make_agent(**config)
     await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})

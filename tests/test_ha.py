@@ -12,6 +12,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from kvmagent.core import mounttable
 from kvmagent.ha.fencer import FencerConfig, detection_bounds, storage_kill_set
 from kvmagent.ha.inventory import VmRecord
 from kvmagent.ha.killer import exiting, qemu_process
@@ -19,8 +20,8 @@ from kvmagent.ha.probe import heartbeat_path
 from kvmagent.ha.rules import FencerRules
 
 from . import ha_kit
-from .ha_kit import (HOST, beating_agent, connected_agent, fencer_states, ping_during,
-                     setup_body, wait_beats)
+from .ha_kit import (HOST, beating_agent, connected_agent, fencer_states, not_mounted_body,
+                     ping_during, setup_body, wait_beats)
 from .vmkit import boot_vm
 
 storages, jfs, ha_agent = ha_kit.storages, ha_kit.jfs, ha_kit.ha_agent  # fixtures
@@ -161,8 +162,8 @@ async def test_rules_survive_an_agent_restart_and_still_decide_the_fence(
 
 async def test_setup_replay_keeps_the_loop_and_changes_replace_it(make_agent, mn, workdir):
     agent = await connected_agent(make_agent, mn)
-    # A directory on the root file system: every heartbeat fails ("storage not mounted").
-    body = setup_body({"ps-a": workdir}, maxAttempts=1000, interval=0.2)
+    # An NFS mount path that is a bare directory: every heartbeat fails ("not mounted").
+    body = not_mounted_body("ps-a", workdir, maxAttempts=1000, interval=0.2)
     assert (await agent.call_async(mn, "/ha/selffencer/setup", body))["outcome"] == {"ps-a": "started"}
     fencer = agent.ctx.services["ha.fencers"].fencers["ps-a"]
     await asyncio.sleep(1.0)
@@ -258,7 +259,7 @@ async def test_peer_check_on_hung_storage_is_bounded(make_agent, mn, jfs):
 
 async def test_permissive_kills_nothing_when_it_cannot_tell_which_vms_have_ha(make_agent, mn, workdir):
     agent = await connected_agent(make_agent, mn, libvirt_uri="qemu:///system?socket=/nonexistent/sock")
-    await agent.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-u": workdir}, interval=0.2))
+    await agent.call_async(mn, "/ha/selffencer/setup", not_mounted_body("ps-u", workdir, interval=0.2))
     report = await mn.wait_report(FENCER, timeout=20)
     assert report["vmUuidsString"] == "Disconnected"
     deadline = time.monotonic() + 20
@@ -275,10 +276,59 @@ async def test_an_unmounted_storage_fails_its_heartbeat_instead_of_writing_to_th
     agent = await beating_agent(make_agent, mn, storage, "ps-gone")
     subprocess.run(["umount", "-l", str(storage)], check=True, timeout=30)  # the NFS went away
     report = await mn.wait_report(STORAGE, lambda b: b["psStatus"] == "Disconnected", timeout=20)
-    assert "is on the root file system: the storage is not mounted" in report["reason"]
+    assert "than at its first heartbeat" in report["reason"]
+    assert "the storage is not mounted" in report["reason"]
     assert not (storage / "zs-heartbeat").exists(), "nothing may be written to the bare mount point"
     state = (await fencer_states(agent))["ps-gone"]
     assert state["state"] == "Fenced" and "not mounted" in state["lastError"]
+
+
+async def test_a_plain_directory_on_the_root_fs_beats_when_zstack_did_not_mount_it(make_agent, mn, workdir):
+    """Local storage or a shared mount point whose directory sits on /: healthy, not fenced."""
+    agent = await connected_agent(make_agent, mn)
+    reply = await agent.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-local": workdir}))
+    assert reply["success"] is True
+    state = await wait_beats(agent, "ps-local", count=3)
+    assert state["state"] == "Healthy" and state["consecutiveFailures"] == 0
+    assert (workdir / "zs-heartbeat" / f"heartbeat-file-kvm-host-{HOST}.hb").exists()
+    assert mn.reports_for(FENCER) == [] and mn.reports_for(STORAGE) == []
+
+
+async def test_an_unmounted_zstack_mount_on_a_separate_partition_fails_its_heartbeat(
+        make_agent, mn, storages):
+    """mountedByZStack (NFS) whose mount path's parent is a file system of its own (/opt on
+    its own disk): once the storage is unmounted the path is a bare directory on that other
+    file system, and must fail the heartbeat, not take it. Here the storage is a bind mount of
+    a directory of the same file system as the parent, as only the mount table tells it is one."""
+    partition = storages("opt")  # the separate partition
+    export, mount_path = partition / "export", partition / "ps"
+    export.mkdir()
+    mount_path.mkdir()
+    subprocess.run(["mount", "--bind", str(export), str(mount_path)], check=True, timeout=30)
+    try:
+        agent = await connected_agent(make_agent, mn)
+        await agent.call_async(mn, "/ha/selffencer/setup", not_mounted_body("ps-nfs", mount_path))
+        await wait_beats(agent, "ps-nfs", count=2)  # a bind mount of the same fs is a mount
+        assert (export / "zs-heartbeat").is_dir()
+        subprocess.run(["umount", "-l", str(mount_path)], check=True, timeout=30)  # NFS gone
+        report = await mn.wait_report(STORAGE, lambda b: b["psStatus"] == "Disconnected", timeout=20)
+        assert "is not a mount point: the storage is not mounted" in report["reason"]
+        assert (await mn.wait_report(FENCER))["vmUuidsString"] == "Disconnected"
+        assert not (mount_path / "zs-heartbeat").exists(), "nothing written to the bare directory"
+        assert (await fencer_states(agent))["ps-nfs"]["state"] == "Fenced"
+    finally:
+        subprocess.run(["umount", "-l", str(mount_path)], capture_output=True, timeout=30)
+
+
+async def test_the_device_of_a_storage_is_remembered_across_an_agent_restart(make_agent, mn, storages):
+    """Unmounted while the agent was down: the restarted fencer still knows the device."""
+    storage = storages("ps")
+    first = await beating_agent(make_agent, mn, storage, "ps-r")
+    await first.client.close()
+    subprocess.run(["umount", "-l", str(storage)], check=True, timeout=30)
+    await make_agent()
+    report = await mn.wait_report(STORAGE, lambda b: b["psStatus"] == "Disconnected", timeout=20)
+    assert "than at its first heartbeat" in report["reason"]
 
 
 async def test_connected_is_reported_even_when_the_agent_restarted_during_the_outage(
@@ -289,11 +339,19 @@ async def test_connected_is_reported_even_when_the_agent_restarted_during_the_ou
     await mn.wait_report("/kvm/reportstoragestatus", lambda b: b["psStatus"] == "Disconnected",
                          timeout=20)
     await first.client.close()
-    subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(storage)], check=True, timeout=30)
-    await make_agent()  # restores the fencer, which must remember the MN was told Disconnected
+    decoy = storage.parent / "decoy"  # holds the device number the old mount had
+    decoy.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(decoy)], check=True, timeout=30)
+    try:
+        # Mounted again, on another device: taken, as the fence is over and it is a mount point.
+        subprocess.run(["mount", "-t", "tmpfs", "kvmagent-test", str(storage)], check=True, timeout=30)
+        await make_agent()  # restores the fencer, which must remember the MN was told Disconnected
+    finally:
+        subprocess.run(["umount", "-l", str(decoy)], timeout=30)
     connected = await mn.wait_report("/kvm/reportstoragestatus",
                                      lambda b: b["psStatus"] == "Connected", timeout=20)
     assert connected["psUuids"] == ["ps-o"]
+    assert len(mn.reports_for("/kvm/reportselffencer")) == 1, "fenced again after the restart"
 
 
 def test_a_stale_pid_file_never_kills_another_process(tmp_path):
@@ -307,8 +365,10 @@ def test_a_stale_pid_file_never_kills_another_process(tmp_path):
     (lambda b: b.update(mountPaths=[]), "uuids (1) and mountPaths (0) must have the same length"),
     (lambda b: b.pop("mountPaths"), "field 'mountPaths'"),
     (lambda b: b.update(uuids=["a", "b"]), "must have the same length"),
-    (lambda b: b.update(strategy="Kill"), "field 'strategy'"),
+    (lambda b: b.update(strategy=["Force"]), "field 'strategy'"),
     (lambda b: b.update(mountPaths=["relative"]), "field 'mountPaths.0'"),
+    (lambda b: b.update(mountPaths=["/"]), "mountPaths.0: / is a system directory"),
+    (lambda b: b.update(mountPaths=["/var/"]), "mountPaths.0: /var is a system directory"),
     (lambda b: b.update(interval=0), "field 'interval'"),
     (lambda b: b.update(urls=["a", "b"]), "urls (2) must be empty or as long as uuids"),
     (lambda b: b.update(urls=["-o exec"]), "urls.0"),
@@ -351,9 +411,60 @@ async def test_a_storage_zstack_mounted_is_remounted_after_a_fence(make_agent, m
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
+async def test_a_storage_whose_users_are_unknown_is_not_unmounted_after_a_fence(make_agent, mn, workdir):
+    """libvirt unreachable: nobody knows which VMs still run on the storage, so the fence must
+    not ``umount -f``/``-l`` it under them (it stays mounted, read-only as it went)."""
+    export, mount_path = workdir / "export", workdir / "ps"
+    export.mkdir()
+    mount_path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmagent-test", str(export)],
+                   check=True, timeout=30)
+    subprocess.run(["mount", "--bind", str(export), str(mount_path)], check=True, timeout=30)
+    try:
+        agent = await connected_agent(make_agent, mn,
+                                      libvirt_uri="qemu:///system?socket=/nonexistent/sock")
+        body = {**setup_body({"ps-k": mount_path}, "Force", interval=0.2), "urls": [str(export)],
+                "mountedByZStack": [True], "mountOptions": ["bind"]}
+        await agent.call_async(mn, "/ha/selffencer/setup", body)
+        # Still mounted but failing (read-only): the mount must stay for the VMs using it.
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount_path)], check=True, timeout=30)
+        await mn.wait_report(FENCER, timeout=20)
+        deadline = time.monotonic() + 20
+        while not (state := (await fencer_states(agent))["ps-k"])["remount"]:
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.2)
+        assert "which VMs use it is unknown" in state["remount"], state
+        assert "cannot tell" in state["fenceError"]
+        await asyncio.sleep(1)
+        mount = mounttable.mount_at(mount_path)
+        assert mount is not None and mount.readonly, "the storage was unmounted under its VMs"
+    finally:
+        for path in (mount_path, mount_path, export):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+async def test_a_fence_unmounts_only_what_was_mounted_from_the_url(make_agent, mn, storages):
+    """Force, mountedByZStack, but another file system is mounted at the path (not from
+    ``urls[0]``): it is not unmounted after the fence."""
+    storage = storages("ps")  # tmpfs "kvmagent-test", not 10.0.0.5:/nfs
+    agent = await connected_agent(make_agent, mn)
+    body = {**setup_body({"ps-o": storage}, "Force", interval=0.2), "urls": ["10.0.0.5:/nfs"],
+            "mountedByZStack": [True], "mountOptions": [""]}
+    await agent.call_async(mn, "/ha/selffencer/setup", body)
+    subprocess.run(["mount", "-o", "remount,ro", str(storage)], check=True, timeout=30)
+    await mn.wait_report(FENCER, timeout=20)
+    deadline = time.monotonic() + 20
+    while not (state := (await fencer_states(agent))["ps-o"])["remount"]:
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.2)
+    assert state["remount"].startswith(f"not unmounting {storage}: kvmagent-test is mounted"), state
+    mount = mounttable.mount_at(storage)
+    assert mount is not None and mount.source == "kvmagent-test"
+
+
 async def test_a_fence_before_any_mn_is_known_is_reported_once_one_is(make_agent, mn, workdir):
     agent = await make_agent()  # never connected: no sendCommandUrl yet
-    await agent.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-q": workdir}, interval=0.2))
+    await agent.call_async(mn, "/ha/selffencer/setup", not_mounted_body("ps-q", workdir, interval=0.2))
     deadline = time.monotonic() + 20
     while (await fencer_states(agent))["ps-q"]["state"] != "Fenced":
         assert time.monotonic() < deadline
@@ -407,7 +518,7 @@ def test_kill_set_table():
 
 async def test_a_fence_report_waiting_for_an_mn_survives_an_agent_restart(make_agent, mn, workdir):
     first = await make_agent()  # never connected
-    await first.call_async(mn, "/ha/selffencer/setup", setup_body({"ps-w": workdir}, interval=0.2))
+    await first.call_async(mn, "/ha/selffencer/setup", not_mounted_body("ps-w", workdir, interval=0.2))
     deadline = time.monotonic() + 20
     while (await fencer_states(first))["ps-w"]["state"] != "Fenced":
         assert time.monotonic() < deadline

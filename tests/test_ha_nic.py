@@ -103,6 +103,117 @@ async def test_no_fence_while_the_nic_has_carrier(make_agent, mn, storages, busi
     while manager.inventory.taken_at is None:  # the first refresh would replace the stand-in
         await asyncio.sleep(0.1)
     manager.inventory.snapshot = {"vm1": VmRecord("vm1", (), False, True, (f"br_{nic}",))}
+    checks = manager.nic_fencer.checks
     await asyncio.sleep(1.5)
+    assert manager.nic_fencer.checks - checks >= 3, "the NIC was not checked"
     assert manager.nic_fencer.running and manager.nic_fencer.last_error is None
     assert manager.nic_fencer.down_counts == {}
+
+
+class FakeCtx:
+    """Unit-test stand-in for the agent context: spawns tasks, records reports and hooks."""
+    def __init__(self):
+        self.reports, self.hooks = [], []
+        self.reporter = self
+
+    def spawn(self, coro, name=None):
+        return asyncio.get_running_loop().create_task(coro, name=name)
+
+    def report(self, path, body, wait_for_mn=False):
+        self.reports.append((path, body))
+
+    async def run_hooks(self, name, *args):
+        self.hooks.append((name, args))
+        return []
+
+
+class FakeInventory:
+    def __init__(self, records):
+        self.snapshot = {r.uuid: r for r in records}
+
+    async def current(self):
+        return self.snapshot, "test"
+
+
+def nic_fencer(monkeypatch, records, netns="kvtest-no-such-netns"):
+    from kvmagent.ha import killer, nicfencer
+    from kvmagent.ha.rules import FencerRules
+
+    class Memory:
+        def save(self, *_):
+            pass
+
+    killed = []
+
+    async def kill_vm(ctx, uuid):
+        killed.append(uuid)
+        return True, ""
+
+    monkeypatch.setattr(killer, "kill_vm", kill_vm)
+    return nicfencer.NicFencer(FakeCtx(), FakeInventory(records), FencerRules(Memory()), netns), killed
+
+
+async def test_a_nic_that_stays_down_is_not_fenced_again_after_a_reconfiguration(monkeypatch):
+    from kvmagent.ha.nicfencer import NicFencerConfig
+
+    vm = VmRecord("vm1", (), False, True, ("br_eth9",))
+    fencer, killed = nic_fencer(monkeypatch, [vm])
+    first, second = NicFencerConfig(HOST, 30, 1), NicFencerConfig(HOST, 20, 1)
+    await fencer.configure(first)
+    for _ in range(2):
+        await fencer.check(first, {"eth9": False})
+    assert killed == ["vm1"] and fencer.ctx.hooks == [("selffencer.vms_killed", (["vm1"],))]
+    await fencer.configure(second)  # e.g. another storage's setup with a shorter interval
+    for _ in range(3):
+        await fencer.check(second, {"eth9": False})
+    assert killed == ["vm1"], "one outage, one fence"
+    await fencer.check(second, {"eth9": True})  # the link is back: the next outage is new
+    for _ in range(2):
+        await fencer.check(second, {"eth9": False})
+    assert killed == ["vm1", "vm1"]
+    await fencer.configure(None)
+
+
+async def test_a_loop_that_outlives_its_stop_ends_instead_of_running_beside_its_successor(monkeypatch):
+    """The old loop swallows its cancellation (Python 3.11's wait_for race) and so is still
+    running when stop() gives up: it must end at its next step, not go on checking."""
+    from kvmagent.ha import nicfencer
+
+    class StubbornIPRoute:
+        lost = 0
+
+        def __init__(self, **_):
+            pass
+
+        async def link(self, _):
+            try:
+                await asyncio.sleep(0.3)
+            except asyncio.CancelledError:
+                if StubbornIPRoute.lost:  # once only: a failing test must not hang
+                    raise
+                StubbornIPRoute.lost += 1
+                await asyncio.sleep(0.3)  # the cancellation is lost
+
+            async def links():
+                yield {"ifname": "eth9", "flags": 1, "carrier": 1}
+            return links()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(nicfencer.pyroute2, "AsyncIPRoute", StubbornIPRoute, raising=False)
+    fencer, _ = nic_fencer(monkeypatch, [], netns=None)
+    checked = []
+
+    async def check(cfg, links):
+        checked.append(cfg)
+
+    monkeypatch.setattr(fencer, "check", check)
+    old, new = nicfencer.NicFencerConfig(HOST, 0.05, 1), nicfencer.NicFencerConfig(HOST, 0.06, 1)
+    await fencer.configure(old)
+    await asyncio.sleep(0.1)  # the old loop is in its link dump
+    fencer.stop = (lambda stop: lambda timeout=10.0: stop(0.01))(fencer.stop)  # give up at once
+    await fencer.configure(new)
+    await asyncio.sleep(2)
+    assert new in checked and old not in checked, checked
+    await nicfencer.NicFencer.stop(fencer)

@@ -83,9 +83,6 @@ class AgentConfig(BaseModel):
     # HA.
     ha_inventory_refresh: float = Field(
         15.0, gt=0, description="seconds between refreshes of the fencers' VM snapshot")
-    ha_allow_root_fs_storage: bool = Field(
-        False, description="accept heartbeats on a mount path that lies on the root file system "
-        "(by default that means the storage is not mounted, and the heartbeat fails)")
     ha_netns: str | None = Field(
         None, description="network namespace whose links network groups watch (None: host)")
 

@@ -27,20 +27,20 @@ from typing import Literal
 
 from ..core.context import AgentContext
 from .inventory import VmInventory, VmRecord
-from .killer import kill_vm
-from .probe import StorageProbe
+from .killer import HOOK_VMS_KILLED, kill_and_clean_up
+
+__all__ = ["HOOK_VMS_KILLED"]  # re-exported: plugins/eip.py registers its clean-up there
+from .probe import StorageProbe, device_of
 from .remount import Remounter
 from .rules import HOST_STORAGE_STATE, FencerRules
 
 log = logging.getLogger(__name__)
 
-HOOK_VMS_KILLED = "selffencer.vms_killed"
 REPORT_FENCER = "/kvm/reportselffencer"
 REPORT_STORAGE = "/kvm/reportstoragestatus"
 DISCONNECTED = "Disconnected"  # ZStack's first reportselffencer carries this as vmUuidsString
 
 HEALTHY, FAILING, FENCED, STOPPED, IDLE = "Healthy", "Failing", "Fenced", "Stopped", "Idle"
-HOOKS_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0  # a loop's own steps are bounded well below this
 PREVIOUS_FENCE_WAIT = 120.0
 
@@ -99,7 +99,7 @@ class Fencer:
     def __init__(self, ctx: AgentContext, cfg: FencerConfig, inventory: VmInventory,
                  rules: FencerRules, probe: StorageProbe, *, disconnected_reported: bool = False,
                  on_change: Callable[[], None] = lambda: None,
-                 previous_fence: asyncio.Task | None = None):
+                 previous_fence: asyncio.Task | None = None, device: int | None = None):
         self.ctx = ctx
         self.cfg = cfg
         self.inventory = inventory
@@ -114,6 +114,10 @@ class Fencer:
         # The MN was told Disconnected and not yet Connected: persisted (via on_change), so a
         # recovery after an agent restart or a replaced fencer is still reported.
         self.disconnected_reported = disconnected_reported
+        # Device of the mount path at its first good heartbeat (not for a storage ZStack
+        # mounted, which must be a mount point instead): persisted, as another device later means
+        # the storage is no longer mounted there.
+        self.device = None if cfg.mounted_by_zstack else device
         self._on_change = on_change
 
     def start(self) -> None:
@@ -155,12 +159,21 @@ class Fencer:
     async def beat(self) -> None:
         cfg = self.cfg
         vm_uuids = [vm.uuid for vm in self.inventory.vms_on(cfg.mount_path)]
-        result = await self.probe.write_heartbeat(cfg.mount_path, cfg.host_uuid, vm_uuids,
-                                                  cfg.storage_checker_timeout)
+        result = await self.probe.write_heartbeat(
+            cfg.mount_path, cfg.host_uuid, vm_uuids, cfg.storage_checker_timeout,
+            must_be_mount=cfg.mounted_by_zstack, device=self.device,
+            adopt=self.status.state == FENCED or self.disconnected_reported)  # after a fence
         if self._stopping:
             return
         status = self.status
         if result.ok:
+            device = device_of(result)
+            if not cfg.mounted_by_zstack and device != self.device:
+                log.warning("selffencer %s: %s is on device %s%s; another device later fails the "
+                            "heartbeat", cfg.ps_uuid, cfg.mount_path, device,
+                            "" if self.device is None else f" (was {self.device}: mounted again)")
+                self.device = device
+                self._on_change()
             recovered = status.state in (FAILING, FENCED) or self.disconnected_reported
             status.state, status.consecutive_failures = HEALTHY, 0
             status.last_heartbeat_at, status.last_error = time.time(), None
@@ -206,7 +219,7 @@ class Fencer:
         self._report(REPORT_STORAGE, {"psStatus": DISCONNECTED, "reason": detail})
         problems: list[str] = []
         killed: list[str] = []
-        on_storage: list[VmRecord] = []
+        on_storage: list[VmRecord] | None = None  # None: who uses the storage is unknown
         try:
             on_storage, killed = await self._kill_per_strategy(problems)
         except Exception as exc:  # whatever happens, the MN hears of this fence
@@ -219,36 +232,27 @@ class Fencer:
             log.error("selffencer %s: fenced, nothing killed: %s", cfg.ps_uuid, "; ".join(problems))
         self.status.fence_error = "; ".join(problems) or None
         if cfg.mounted_by_zstack and not self._stopping:
-            spared = sorted({vm.uuid for vm in on_storage} - set(killed))
+            spared = None if on_storage is None else sorted({vm.uuid for vm in on_storage} - set(killed))
             self.remounter.after_fence(spared)
 
-    async def _kill_per_strategy(self, problems: list[str]) -> tuple[list[VmRecord], list[str]]:
-        """Kill per strategy and rules, run the hooks: (VMs on the storage, killed uuids)."""
+    async def _kill_per_strategy(self, problems: list[str]) -> tuple[list[VmRecord] | None, list[str]]:
+        """Kill per strategy and rules, run the hooks: (VMs on the storage, None when unknown;
+        killed uuids)."""
         cfg = self.cfg
         records, source = await self.inventory.current()
         if records is None:
             problems.append(f"cannot tell which VMs use the storage: {source}")
-            return [], []
+            return None, []
         on_storage = self.inventory.vms_on(cfg.mount_path)
         targets = storage_kill_set(cfg.strategy, on_storage, self.rules)
         spared = sorted(vm.uuid for vm in on_storage if vm not in targets)
         if spared:
             log.warning("selffencer %s (%s): sparing VMs on the storage (not allow-listed, no "
                         "enableHa, or block-listed): %s", cfg.ps_uuid, cfg.strategy, ", ".join(spared))
-        results = await asyncio.gather(*(kill_vm(self.ctx, vm.uuid) for vm in targets),
-                                       return_exceptions=True)  # one VM's error spares no other
-        outcomes = [(vm, r if isinstance(r, tuple) else (False, f"kill failed: {r!r}"))
-                    for vm, r in zip(targets, results, strict=True)]
-        killed = sorted(vm.uuid for vm, (stopped, _) in outcomes if stopped)
-        problems += [f"{vm.uuid}: {note}" for vm, (stopped, note) in outcomes if note]
+        killed, notes = await kill_and_clean_up(
+            self.ctx, [vm.uuid for vm in targets], f"selffencer {cfg.ps_uuid}",
+            f"({cfg.strategy} strategy; because heartbeats on {cfg.mount_path} failed "
+            f"{cfg.max_attempts} times; inventory from {source})")
+        problems += notes
         self.status.fenced_vm_uuids = killed
-        if killed:
-            log.error("selffencer %s: killed VMs %s (%s strategy; because heartbeats on %s failed "
-                      "%d times; inventory from %s)", cfg.ps_uuid, ", ".join(killed), cfg.strategy,
-                      cfg.mount_path, cfg.max_attempts, source)
-            try:  # clean-up (EIPs) must not hold the report back for ever
-                async with asyncio.timeout(HOOKS_TIMEOUT):
-                    problems += await self.ctx.run_hooks(HOOK_VMS_KILLED, killed)
-            except TimeoutError:
-                problems.append(f"clean-up hooks did not finish within {HOOKS_TIMEOUT:g}s")
         return on_storage, killed

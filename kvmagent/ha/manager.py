@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, fields
 
 from ..core.context import AgentContext
+from ..core.logs import mask_data
+from ..core.mounttable import boot_id
 from ..core.locks import KeyedLocks
 from ..core.state import conforms
 from .fencer import IDLE, STOP_TIMEOUT, Fencer, FencerConfig, detection_bounds
@@ -29,8 +31,10 @@ CLOSE_TIMEOUT = 15.0
 _FIELDS = {f.name for f in fields(FencerConfig)}
 
 
-def config_from_doc(doc: object) -> tuple[FencerConfig, bool] | None:
-    """(config, disconnected) from a persisted record; None (logged) for another shape."""
+def config_from_doc(doc: object) -> tuple[FencerConfig, bool, int | None] | None:
+    """(config, disconnected, device) from a persisted record; None (logged) for another shape.
+    The device of the mount path counts only within the boot that recorded it (device numbers
+    of NFS, FUSE and tmpfs are handed out afresh at each mount)."""
     try:
         assert isinstance(doc, dict)
         values = {k: v for k, v in doc.items() if k in _FIELDS}
@@ -38,10 +42,14 @@ def config_from_doc(doc: object) -> tuple[FencerConfig, bool] | None:
         cfg = FencerConfig(**values)
         assert all(isinstance(getattr(cfg, k), str) for k in ("ps_uuid", "mount_path", "host_uuid"))
         assert float(cfg.interval) > 0 and int(cfg.max_attempts) >= 1
-        return cfg, bool(doc.get("disconnected", False))
+        device = doc.get("device")
+        if not isinstance(device, int) or isinstance(device, bool) or \
+                doc.get("bootId") != boot_id():
+            device = None
+        return cfg, bool(doc.get("disconnected", False)), device
     except (AssertionError, TypeError, ValueError) as exc:
         log.error("state document %s: a self-fencer record of an unexpected shape is skipped "
-                  "(%s): %.300r", STATE_DOC, exc or "bad field", doc)
+                  "(%s): %.300r", STATE_DOC, exc or "bad field", mask_data(doc))
         return None
 
 
@@ -55,6 +63,7 @@ class FencerManager:
         self.fencers: dict[str, Fencer] = {}  # storages whose fencers include hostStorageState
         self.nic_fencer = NicFencer(ctx, self.inventory, self.rules, netns)
         self._disconnected: set[str] = set()  # restored: the MN was told Disconnected
+        self._devices: dict[str, tuple[str, int]] = {}  # restored: ps -> (mount path, device)
         self._probes: dict[str, StorageProbe] = {}
         self._locks = KeyedLocks()
         self._nic_lock = asyncio.Lock()
@@ -64,8 +73,7 @@ class FencerManager:
     def probe_for(self, mount_path: str) -> StorageProbe:
         probe = self._probes.get(mount_path)
         if probe is None:
-            probe = self._probes[mount_path] = StorageProbe(
-                allow_root_fs=self.ctx.config.ha_allow_root_fs_storage)
+            probe = self._probes[mount_path] = StorageProbe()
         return probe
 
     async def restore(self) -> None:
@@ -77,11 +85,13 @@ class FencerManager:
         if len(restored) < len(docs):
             self.ctx.state.quarantine(STATE_DOC, f"holds {len(docs) - len(restored)} record(s) "
                                       f"of another shape ({len(restored)} restored)")
-        self._disconnected = {cfg.ps_uuid for cfg, disconnected in restored if disconnected}
+        self._disconnected = {cfg.ps_uuid for cfg, disconnected, _ in restored if disconnected}
+        self._devices = {cfg.ps_uuid: (cfg.mount_path, dev) for cfg, _, dev in restored
+                         if dev is not None}
         if restored:
             log.info("restoring %d self-fencer(s): %s", len(restored),
-                     ", ".join(cfg.ps_uuid for cfg, _ in restored))
-            await self.setup([cfg for cfg, _ in restored])
+                     ", ".join(cfg.ps_uuid for cfg, _, _ in restored))
+            await self.setup([cfg for cfg, _, _ in restored])
 
     async def setup(self, configs: list[FencerConfig]) -> dict[str, str]:
         """Start or replace; identical configs leave the running loop alone."""
@@ -99,6 +109,12 @@ class FencerManager:
                 return "unchanged"
             previous_fence = None
             replaced = cfg.ps_uuid in self.configs
+            # The device the mount path was on, kept while the storage keeps its mount path.
+            restored_path, device = self._devices.pop(cfg.ps_uuid, (None, None))
+            if current is not None:
+                restored_path, device = current.cfg.mount_path, current.device
+            if restored_path != cfg.mount_path:
+                device = None
             if current is not None:
                 await current.stop(STOP_TIMEOUT)
                 previous_fence = current.fencing
@@ -109,7 +125,8 @@ class FencerManager:
                                 else cfg.ps_uuid in self._disconnected)
                 fencer = Fencer(self.ctx, cfg, self.inventory, self.rules,
                                 self.probe_for(cfg.mount_path), on_change=self._persist,
-                                disconnected_reported=disconnected, previous_fence=previous_fence)
+                                disconnected_reported=disconnected, previous_fence=previous_fence,
+                                device=device)
                 self.fencers[cfg.ps_uuid] = fencer
                 fencer.start()
             outcome = "replaced" if replaced else "started"
@@ -170,7 +187,9 @@ class FencerManager:
             fencer = self.fencers.get(cfg.ps_uuid)
             disconnected = (fencer.disconnected_reported if fencer is not None
                             else cfg.ps_uuid in self._disconnected)
-            docs.append({**asdict(cfg), "disconnected": disconnected})
+            device = fencer.device if fencer is not None else None
+            docs.append({**asdict(cfg), "disconnected": disconnected, "device": device,
+                         "bootId": boot_id()})
         try:
             self.ctx.state.save(STATE_DOC, docs)
         except OSError as exc:  # the loops go on; only the restart guarantee is weakened

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..core.context import AgentContext
 from ..core.lazy import lazy_import
 from .inventory import VmInventory
-from .killer import kill_vm
+from .killer import kill_and_clean_up
 from .rules import HOST_BUSINESS_NIC, FencerRules
 
 pyroute2 = lazy_import("pyroute2")
@@ -64,8 +64,11 @@ class NicFencer:
         self.down_counts: dict[str, int] = {}
         self.killed: dict[str, set[str]] = {}  # nic -> VMs killed in this outage
         self.last_error: str | None = None
+        self.checks = 0  # completed link checks since the agent started
         self._task: asyncio.Task | None = None
-        self._stopping = False
+        # The running loop's token: a loop runs while it is current, so a loop that outlived its
+        # stop (a lost cancellation) ends at its next step instead of running beside its successor.
+        self._token: object | None = None
 
     @property
     def running(self) -> bool:
@@ -75,16 +78,19 @@ class NicFencer:
         if cfg == self.cfg and (cfg is None or self.running):
             return
         await self.stop()
+        if cfg is None:  # no longer watched: an outage seen later is a new one
+            self.down_counts, self.killed = {}, {}
+        # A new configuration keeps the counts and the VMs killed per NIC: a NIC that stays down
+        # is one outage, and its VMs are not fenced again.
         self.cfg = cfg
         if cfg is not None:
-            self._stopping = False
-            self.down_counts, self.killed = {}, {}
-            self._task = self.ctx.spawn(self._loop(cfg), name="selffencer hostBusinessNic")
+            token = self._token = object()
+            self._task = self.ctx.spawn(self._loop(cfg, token), name="selffencer hostBusinessNic")
             log.info("hostBusinessNic fencer: every %gs, fencing after %d+1 down checks",
                      cfg.interval, cfg.max_attempts)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
+        self._token = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
             done, _ = await asyncio.wait({self._task}, timeout=timeout)
@@ -92,19 +98,20 @@ class NicFencer:
                 log.error("hostBusinessNic fencer did not stop within %gs", timeout)
         self._task = None
 
-    async def _loop(self, cfg: NicFencerConfig) -> None:
+    async def _loop(self, cfg: NicFencerConfig, token: object) -> None:
         ipr = None
         try:
-            while not self._stopping:
+            while self._token is token:
                 try:
                     if ipr is None:
                         ipr = pyroute2.AsyncIPRoute(**({"netns": self.netns} if self.netns else {}))
                     async with asyncio.timeout(NETLINK_TIMEOUT):
                         links = {link.get("ifname"): _link_up(link)
                                  async for link in await ipr.link("dump")}
-                    if self._stopping:
+                    if self._token is not token:
                         return
                     await self.check(cfg, links)
+                    self.checks += 1
                     self.last_error = None
                 except asyncio.CancelledError:
                     raise
@@ -150,29 +157,20 @@ class NicFencer:
             log.warning("hostBusinessNic fencer: sparing block-listed VMs %s", ", ".join(spared))
         if not targets:
             return
-        results = await asyncio.gather(*(kill_vm(self.ctx, uuid) for uuid in targets),
-                                       return_exceptions=True)
-        killed = []
-        for (uuid, nic), result in zip(targets.items(), results, strict=True):
-            if isinstance(result, tuple) and result[0]:
-                killed.append(uuid)
-                self.killed.setdefault(nic, set()).add(uuid)
-            else:
-                log.error("hostBusinessNic fencer: could not kill %s: %s", uuid, result)
-        if killed:
-            killed.sort()
-            log.error("hostBusinessNic fencer: killed VMs %s because NIC(s) %s lost their link "
-                      "for more than %d checks", ", ".join(killed), ", ".join(sorted(faulty)),
-                      cfg.max_attempts)
+        def report(killed: list[str]) -> None:
+            for uuid in killed:
+                self.killed.setdefault(targets[uuid], set()).add(uuid)
             self.ctx.reporter.report(REPORT_VM_FENCED, {
                 "hostUuid": cfg.host_uuid,
                 "values": [{"vmUuid": u, "fencerName": HOST_BUSINESS_NIC} for u in killed]},
                 wait_for_mn=True)
-            try:
-                async with asyncio.timeout(60):
-                    await self.ctx.run_hooks("selffencer.vms_killed", killed)
-            except TimeoutError:
-                log.error("hostBusinessNic fencer: clean-up hooks did not finish within 60s")
+
+        _, problems = await kill_and_clean_up(
+            self.ctx, list(targets), "hostBusinessNic fencer",
+            f"because NIC(s) {', '.join(sorted(faulty))} lost their link for more than "
+            f"{cfg.max_attempts} checks", before_hooks=report)
+        if problems:
+            log.error("hostBusinessNic fencer: %s", "; ".join(problems))
 
 
 def _link_up(link) -> bool:

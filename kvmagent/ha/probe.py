@@ -19,16 +19,37 @@ from ..core.blocking import kill_group, reap_later
 
 HEARTBEAT_DIR = "zs-heartbeat"
 
-# The storage must really be there: a mount point whose file system is gone (unmounted, or
-# lazily unmounted) is a plain directory on the root file system, and a heartbeat written there
-# would hide the outage from this host while peers see it stop. Only the heartbeat directory
-# is ever created, never the mount path.
+# The storage must really be there, else a heartbeat written to whatever lies under the mount
+# path would hide the outage from this host while peers see it stop (split brain):
+# - a storage ZStack mounted (NFS) must be a mount point: its device differs from its parent's,
+#   or (a bind mount of the same file system) the mount table lists it. An unmounted or lazily
+#   unmounted path is a bare directory, whatever file system holds it.
+# - any other storage (local, shared mount point) may be a plain directory, even on /: the
+#   device its first good heartbeat saw is kept, and a different one fails ("unmounted").
+#   After a fence (``adopt``), a different device that is a mount point of its own (not the
+#   directory under an unmounted storage) is taken: the storage was mounted again.
+# Only the heartbeat directory is ever created, never the mount path. On success the child
+# prints the device number of the mount path.
 _WRITE = r"""
-import os, sys
-mount, directory, name, data, allow_root = sys.argv[1:6]
+import os, re, sys
+mount, directory, name, data, must_be_mount, expected, adopt = sys.argv[1:8]
 data = data.encode()
-if allow_root != "1" and os.stat(mount).st_dev == os.stat("/").st_dev:
-    sys.exit(f"{mount} is on the root file system: the storage is not mounted")
+st = os.stat(mount)
+if must_be_mount == "1":
+    parent = os.stat(os.path.join(mount, ".."))
+    listed = False
+    if st.st_dev == parent.st_dev and st.st_ino != parent.st_ino:
+        real = os.path.realpath(mount)
+        unescape = lambda f: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            listed = any(len(line.split(" ")) > 4 and unescape(line.split(" ")[4]) == real
+                         for line in fh)
+        if not listed:
+            sys.exit(f"{mount} is not a mount point: the storage is not mounted")
+elif expected and st.st_dev != int(expected) and not (
+        adopt == "1" and st.st_dev != os.stat(os.path.join(mount, "..")).st_dev):
+    sys.exit(f"{mount} is on another file system (device {st.st_dev}) than at its first "
+             f"heartbeat (device {expected}): the storage is not mounted")
 try:
     os.mkdir(directory)
 except FileExistsError:
@@ -41,6 +62,7 @@ try:
 finally:
     os.close(fd)
 os.replace(tmp, os.path.join(directory, name))
+print(st.st_dev)
 """
 
 _READ = r"""
@@ -95,6 +117,14 @@ def heartbeat_path(mount_path: str, host_uuid: str) -> str:
     return os.path.join(mount_path, HEARTBEAT_DIR, heartbeat_name(host_uuid))
 
 
+def device_of(result: ProbeResult) -> int | None:
+    """The device number a successful heartbeat write saw."""
+    try:
+        return int(result.output.strip())
+    except ValueError:
+        return None
+
+
 @dataclass
 class ProbeResult:
     ok: bool
@@ -107,8 +137,7 @@ class ProbeResult:
 class StorageProbe:
     """Runs one I/O child at a time for one storage."""
 
-    def __init__(self, allow_root_fs: bool = False) -> None:
-        self.allow_root_fs = allow_root_fs
+    def __init__(self) -> None:
         self._stuck: asyncio.subprocess.Process | None = None
         self._one_at_a_time = asyncio.Lock()  # concurrent callers must not each leave a child
 
@@ -119,11 +148,17 @@ class StorageProbe:
         return None
 
     async def write_heartbeat(self, mount_path: str, host_uuid: str, vm_uuids: list[str],
-                              timeout: float) -> ProbeResult:
+                              timeout: float, *, must_be_mount: bool = False,
+                              device: int | None = None, adopt: bool = False) -> ProbeResult:
+        """Write the heartbeat. ``must_be_mount``: fail unless the path is a mount point;
+        ``device``: fail unless the path is on that device (``adopt``: or is a mount point of
+        another one). On success ``output`` holds the
+        path's device number (see :func:`device_of`)."""
         payload = heartbeat_bytes(sorted(vm_uuids)).decode()
         return await self._run([_WRITE, mount_path, os.path.join(mount_path, HEARTBEAT_DIR),
-                                heartbeat_name(host_uuid), payload,
-                                "1" if self.allow_root_fs else "0"], timeout)
+                                heartbeat_name(host_uuid), payload, "1" if must_be_mount else "0",
+                                "" if device is None else str(device), "1" if adopt else "0"],
+                               timeout)
 
     async def read(self, path: str, timeout: float) -> ProbeResult:
         return await self._run([_READ, path], timeout)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..core import mounttable
 from ..core.blocking import run_process
 from ..core.context import AgentContext
+from ..core.logs import mask_text
 
 if TYPE_CHECKING:
     from .fencer import FencerConfig
@@ -37,6 +38,11 @@ def mount_argv(url: str, mount_path: str, options: str) -> list[str]:
     return ["mount", *(["-o", options] if options else []), "--", url, mount_path]
 
 
+def from_url(entry: mounttable.MountEntry, url: str) -> bool:
+    """The mount comes from ``url`` (as the mount table shows NFS sources: ``host:/export``)."""
+    return entry.source.rstrip("/") == url.rstrip("/")
+
+
 class Remounter:
     def __init__(self, ctx: AgentContext, cfg: FencerConfig):
         self.ctx = ctx
@@ -45,7 +51,9 @@ class Remounter:
         self.last_at: float | None = None
         self._task: asyncio.Task | None = None
 
-    def after_fence(self, spared_vm_uuids: list[str]) -> None:
+    def after_fence(self, spared_vm_uuids: list[str] | None) -> None:
+        """``spared_vm_uuids``: VMs left running on the storage; None when nobody knows which
+        VMs use it (then it is not unmounted: a VM may still run on it)."""
         if self._task is None or self._task.done():
             self._task = self.ctx.spawn(self._run(spared_vm_uuids),
                                         name=f"remount {self.cfg.ps_uuid}")
@@ -55,18 +63,27 @@ class Remounter:
             self._task.cancel()
 
     def _note(self, outcome: str) -> None:
-        self.last, self.last_at = outcome, time.time()
-        log.warning("selffencer %s: %s", self.cfg.ps_uuid, outcome)
+        self.last, self.last_at = mask_text(outcome), time.time()
+        log.warning("selffencer %s: %s", self.cfg.ps_uuid, mask_text(outcome))
 
-    async def _run(self, spared: list[str]) -> None:
+    async def _run(self, spared: list[str] | None) -> None:
         cfg = self.cfg
         if not cfg.url:
             self._note("mountedByZStack but no url: not remounting")
             return
-        if spared and cfg.strategy == "Permissive":
+        if spared is None:
+            self._note(f"keeping the mount {cfg.mount_path}: which VMs use it is unknown (see "
+                       "fenceError), and some may still run on it")
+        elif spared and cfg.strategy == "Permissive":
             self._note(f"keeping the mount {cfg.mount_path}: VMs spared by Permissive still use "
                        f"it ({', '.join(spared)})")
-        elif mounttable.mount_at(cfg.mount_path) is not None:
+        elif (mounted := mounttable.mount_at(cfg.mount_path)) is not None:
+            if not from_url(mounted, cfg.url):
+                # Not the storage ZStack mounted there: someone else's file system, never ours to
+                # unmount (nor to mount over).
+                self._note(f"not unmounting {cfg.mount_path}: {mounted.source} is mounted there, "
+                           f"not {cfg.url}")
+                return
             await self._umount()
         while mounttable.mount_at(cfg.mount_path) is None:
             argv = mount_argv(cfg.url, cfg.mount_path, cfg.mount_options)

@@ -15,6 +15,7 @@ MN reads. Sources (premium classes are published without a repository name; see
 from __future__ import annotations
 
 import subprocess
+import uuid as uuidlib
 
 import pytest
 
@@ -27,10 +28,21 @@ VM = "d0c8a1f2e3b44c5d9e6f7a8b9c0d1e2f"
 
 
 @pytest.fixture
-async def connected(make_agent, mn):
-    agent = await make_agent()
+def empty_netns():
+    """The hostBusinessNic fencer these bodies ask for watches links here, never the host's
+    (whose real VMs it could otherwise kill)."""
+    name = f"kvtest-hawire-{uuidlib.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], timeout=10)
+
+
+@pytest.fixture
+async def connected(make_agent, mn, empty_netns):
+    agent = await make_agent(ha_netns=empty_netns)
     await agent.call("/host/connect", {"hostUuid": HOST, "sendCommandUrl": mn.send_command_url})
-    return agent
+    yield agent
+    await agent.call_async(mn, "/ha/selffencer/cancel", {"hostUuid": HOST, "psUuids": [PS]})
 
 
 @pytest.fixture
@@ -112,10 +124,11 @@ async def test_scanhost(connected, mn):
 
 
 async def test_reports_have_zstacks_shape(connected, mn, workdir):
-    """A fence on a storage that is not mounted: ReportSelfFencerCmd and ReportPsStatusCmd."""
+    """A fence on a storage that is not mounted (the NFS mount path is a bare directory):
+    ReportSelfFencerCmd and ReportPsStatusCmd. No url, so the test mounts nothing after it."""
     await mn_async(connected, mn, "/ha/selffencer/setup", {
         **setup_cmd(str(workdir)), "interval": 1, "maxAttempts": 1, "storageCheckerTimeout": 1,
-        "mountedByZStack": [False], "fencers": ["hostStorageState"]})
+        "urls": [""], "fencers": ["hostStorageState"]})
     fencer = await mn.wait_report("/kvm/reportselffencer")
     assert set(fencer) == {"hostUuid", "psUuids", "vmUuidsString", "reason", "fencerFailure"}
     assert (fencer["hostUuid"], fencer["psUuids"], fencer["vmUuidsString"], fencer["fencerFailure"]) \
@@ -159,3 +172,30 @@ async def test_commands_for_another_host_change_nothing(connected, mn, nfs_like)
     refused = await mn_async(connected, mn, "/ha/selffencer/cancel", cancel, VM)
     assert refused["success"] is False
     assert [f["psUuid"] for f in (await connected.call("/ha/selffencer/state"))["fencers"]] == [PS]
+    await mn_async(connected, mn, "/ha/selffencer/cancel",
+                   {"hostUuid": HOST, "mountPoints": [], "psUuids": [PS]}, HOST)
+    assert (await connected.call("/ha/selffencer/state"))["fencers"] == []
+
+
+@pytest.mark.parametrize("strategy, runs", [
+    ("Permissive", "Permissive"), ("Force", "Force"), ("force", "Force"), (None, "Force"),
+    ("absent", "Force")])
+async def test_strategy_is_read_as_zstacks_agent_reads_it(connected, mn, nfs_like, strategy, runs):
+    """ZU's agent: anything but "Permissive" is Force, a null (Gson leaves it out) too."""
+    body = {**setup_cmd(str(nfs_like)), "strategy": strategy, "fencers": ["hostStorageState"]}
+    if strategy == "absent":
+        del body["strategy"]
+    reply = await mn_async(connected, mn, "/ha/selffencer/setup", body, HOST)
+    assert reply["success"] is True, reply
+    assert (await connected.call("/ha/selffencer/state"))["fencers"][0]["strategy"] == runs
+
+
+async def test_check_vmstate_with_the_timeout_the_mn_fills_from_success_times(connected, mn, nfs_like):
+    """The MN puts successTimes (an int, may be 0) in storageCheckerTimeout: not a 400, which the
+    MN would read as "not stable" for ever; and a large times is accepted too."""
+    cmd = {"interval": 0.2, "times": 1, "primaryStorageUuid": PS, "targetHostUuid": VM,
+           "storageCheckerTimeout": 0, "mountPath": str(nfs_like)}
+    reply = await mn_async(connected, mn, "/filesystem/check/vmstate", cmd, HOST)
+    assert reply["success"] is True and reply["result"] == {PS: False}, reply
+    status, reply = await connected.post("/filesystem/check/vmstate", {**cmd, "times": 1000})
+    assert status == 200, reply
