@@ -88,6 +88,13 @@ class Config:
         return cls(groups, dict(doc.get("vmGroups", {})), rules)
 
 
+def netns_kwargs(netns: str | None) -> dict:
+    """pyroute2 arguments to watch ``netns`` (None: the host's). flags=0: a namespace that
+    does not exist is an error, not silently created empty (pyroute2's default, O_CREAT),
+    where a watcher would see no links at all."""
+    return {"netns": netns, "flags": 0} if netns else {}
+
+
 def score(resources: dict[str, int], links: dict[str, bool]) -> int:
     return sum(w for name, w in resources.items() if links.get(name, False))
 
@@ -234,8 +241,7 @@ class NetworkGroupMonitor:
     async def _watch(self) -> None:
         while True:
             try:
-                kwargs = {"netns": self.netns} if self.netns else {}
-                self._ipr = pyroute2.AsyncIPRoute(**kwargs)
+                self._ipr = pyroute2.AsyncIPRoute(**netns_kwargs(self.netns))
                 await self._ipr.bind(groups=pyroute2.netlink.rtnl.RTMGRP_LINK)
                 self.links = {link.get("ifname"): link_up(link["flags"])
                               async for link in await self._ipr.link("dump")}

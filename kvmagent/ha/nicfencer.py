@@ -27,6 +27,7 @@ from ..core.context import AgentContext
 from ..core.lazy import lazy_import
 from .inventory import VmInventory
 from .killer import kill_and_clean_up
+from .netgroup import netns_kwargs
 from .rules import HOST_BUSINESS_NIC, FencerRules
 
 pyroute2 = lazy_import("pyroute2")
@@ -104,7 +105,7 @@ class NicFencer:
             while self._token is token:
                 try:
                     if ipr is None:
-                        ipr = pyroute2.AsyncIPRoute(**({"netns": self.netns} if self.netns else {}))
+                        ipr = pyroute2.AsyncIPRoute(**netns_kwargs(self.netns))
                     async with asyncio.timeout(NETLINK_TIMEOUT):
                         links = {link.get("ifname"): _link_up(link)
                                  async for link in await ipr.link("dump")}
