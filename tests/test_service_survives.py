@@ -41,17 +41,6 @@ HUGEPAGES_LOCK = "/tmp/kvmagent-hugepages.lock"
 
 
 @pytest.fixture
-def world():
-    w = World()
-    try:
-        w.build()
-        w.add_vm(0)
-        yield w
-    finally:
-        w.destroy()
-
-
-@pytest.fixture
 def group_netns():
     name = f"kvmtest-sv-{uuid.uuid4().hex[:6]}"
     ip("netns", "add", name)
