@@ -41,6 +41,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvmagent.eip.hostfw import chain_name
+from kvmagent.ha.scan import echo_request
 from kvmagent.plugins import host as host_plugin
 from kvmagent.plugins.eip import make_plugin
 from kvmagent.eip.naming import Patterns
@@ -398,15 +399,6 @@ def tcp_exchange(server_ns: str, server_ip: str, client_ns: str, connect_ip: str
         server.close()
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def ping_through(client_ns: str, vip: str, vm_ns: str, timeout: float = 3.0) -> dict[str, str]:
     """ICMP echo from the client to ``vip``; a raw listener in ``vm_ns`` sees the request.
 
@@ -420,10 +412,7 @@ def ping_through(client_ns: str, vip: str, vm_ns: str, timeout: float = 3.0) -> 
     try:
         listener.settimeout(timeout)
         pinger.settimeout(timeout)
-        payload = b"kvmagent-eip-test"
-        header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-        packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1) + payload
-        pinger.sendto(packet, (vip, 0))
+        pinger.sendto(echo_request(ident, 1), (vip, 0))
         result: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         try:
