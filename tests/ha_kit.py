@@ -75,6 +75,15 @@ async def fencer_states(agent) -> dict[str, dict]:
     return {f["psUuid"]: f for f in reply["fencers"]}
 
 
+async def wait_remount(agent, ps_uuid: str, timeout: float = 20) -> dict:
+    """The fencer state of ``ps_uuid`` once it holds a remount outcome (after a fence)."""
+    deadline = time.monotonic() + timeout
+    while not (state := (await fencer_states(agent))[ps_uuid])["remount"]:
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.2)
+    return state
+
+
 async def wait_beats(agent, ps_uuid: str, count: int = 2, timeout: float = 20) -> dict:
     """Wait until ``count`` more heartbeats of ``ps_uuid`` were written."""
     seen = []

@@ -21,7 +21,7 @@ from kvmagent.ha.rules import FencerRules
 
 from . import ha_kit
 from .ha_kit import (HOST, beating_agent, connected_agent, fencer_states, not_mounted_body,
-                     ping_during, setup_body, wait_beats)
+                     ping_during, setup_body, wait_beats, wait_remount)
 from .vmkit import boot_vm
 
 storages, jfs, ha_agent = ha_kit.storages, ha_kit.jfs, ha_kit.ha_agent  # fixtures
@@ -429,10 +429,7 @@ async def test_a_storage_whose_users_are_unknown_is_not_unmounted_after_a_fence(
         # Still mounted but failing (read-only): the mount must stay for the VMs using it.
         subprocess.run(["mount", "-o", "remount,bind,ro", str(mount_path)], check=True, timeout=30)
         await mn.wait_report(FENCER, timeout=20)
-        deadline = time.monotonic() + 20
-        while not (state := (await fencer_states(agent))["ps-k"])["remount"]:
-            assert time.monotonic() < deadline, state
-            await asyncio.sleep(0.2)
+        state = await wait_remount(agent, "ps-k")
         assert "which VMs use it is unknown" in state["remount"], state
         assert "cannot tell" in state["fenceError"]
         await asyncio.sleep(1)
@@ -453,10 +450,7 @@ async def test_a_fence_unmounts_only_what_was_mounted_from_the_url(make_agent, m
     await agent.call_async(mn, "/ha/selffencer/setup", body)
     subprocess.run(["mount", "-o", "remount,ro", str(storage)], check=True, timeout=30)
     await mn.wait_report(FENCER, timeout=20)
-    deadline = time.monotonic() + 20
-    while not (state := (await fencer_states(agent))["ps-o"])["remount"]:
-        assert time.monotonic() < deadline, state
-        await asyncio.sleep(0.2)
+    state = await wait_remount(agent, "ps-o")
     assert state["remount"].startswith(f"not unmounting {storage}: kvmagent-test is mounted"), state
     mount = mounttable.mount_at(storage)
     assert mount is not None and mount.source == "kvmagent-test"

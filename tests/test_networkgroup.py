@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import uuid as uuidlib
 
@@ -21,16 +22,26 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+@contextlib.contextmanager
+def netns_with_group_links(prefix: str):
+    """A fresh network namespace holding the veth pairs the network groups watch (bond0a,
+    bond1a, mgmta, each up with its peer); removed afterwards."""
+    name = f"{prefix}-{uuidlib.uuid4().hex[:6]}"
+    ip("netns", "add", name)
+    try:
+        for a, b in (("bond0a", "bond0b"), ("bond1a", "bond1b"), ("mgmta", "mgmtb")):
+            ip("-n", name, "link", "add", a, "type", "veth", "peer", "name", b)
+            ip("-n", name, "link", "set", a, "up")
+            ip("-n", name, "link", "set", b, "up")
+        yield name
+    finally:
+        ip("netns", "del", name)
+
+
 @pytest.fixture
 def netns():
-    name = f"kvmtest-ng-{uuidlib.uuid4().hex[:6]}"
-    ip("netns", "add", name)
-    for a, b in (("bond0a", "bond0b"), ("bond1a", "bond1b"), ("mgmta", "mgmtb")):
-        ip("-n", name, "link", "add", a, "type", "veth", "peer", "name", b)
-        ip("-n", name, "link", "set", a, "up")
-        ip("-n", name, "link", "set", b, "up")
-    yield name
-    ip("netns", "del", name)
+    with netns_with_group_links("kvmtest-ng") as name:
+        yield name
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from .eip_world import World
 from .test_daemon import free_port
-from .test_networkgroup import ip, setup_body
+from .test_networkgroup import netns_with_group_links, setup_body
 
 pytestmark = pytest.mark.netns
 
@@ -42,14 +42,8 @@ HUGEPAGES_LOCK = "/tmp/kvmagent-hugepages.lock"
 
 @pytest.fixture
 def group_netns():
-    name = f"kvmtest-sv-{uuid.uuid4().hex[:6]}"
-    ip("netns", "add", name)
-    for a, b in (("bond0a", "bond0b"), ("bond1a", "bond1b"), ("mgmta", "mgmtb")):
-        ip("-n", name, "link", "add", a, "type", "veth", "peer", "name", b)
-        ip("-n", name, "link", "set", a, "up")
-        ip("-n", name, "link", "set", b, "up")
-    yield name
-    ip("netns", "del", name)
+    with netns_with_group_links("kvmtest-sv") as name:
+        yield name
 
 
 @pytest.fixture
